@@ -1,0 +1,96 @@
+"""Config of the federated data: which data set, how it is split over clients."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["PartitionConfig", "PlantedConfig", "DataConfig"]
+
+
+@dataclass(kw_only=True)
+class PartitionConfig:
+    kind: Literal["iid", "dirichlet", "pathological", "grouped", "domain"] = "dirichlet"
+    """How training samples are split over clients (planted data ignores this: each client
+    draws from its own teacher)."""
+    alpha: float = 0.5
+    """Dirichlet concentration for `dirichlet` (per class over clients) and `grouped`
+    (inside each group); smaller is more skewed."""
+    classes_per_client: int = 2
+    """Number of classes each client holds under `pathological`."""
+    num_groups: int = 4
+    """Latent client groups under `grouped` (each owns a disjoint class subset: SC-Dir)."""
+    min_samples: int = 2
+    """Every client gets at least this many training samples."""
+    within_domain: Literal["dirichlet", "iid"] = "dirichlet"
+    """How a domain's samples are split over its clients under `domain`: Dirichlet(`alpha`)
+    label skew, or uniformly at random."""
+
+    def __post_init__(self):
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.classes_per_client < 1:
+            raise ValueError(f"classes_per_client must be >= 1, got {self.classes_per_client}")
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
+        if self.within_domain not in ("dirichlet", "iid"):
+            raise ValueError(f"within_domain must be 'dirichlet' or 'iid', got {self.within_domain!r}")
+
+
+@dataclass(kw_only=True)
+class PlantedConfig:
+    num_clusters: int = 4
+    """Planted client clusters; each shares a low-rank perturbation of the teacher."""
+    num_classes: int = 10
+    """Classes the teacher labels."""
+    samples_per_client: int = 64
+    """Samples drawn per client (train and local test together)."""
+    latent_dim: int = 16
+    """Dimension of the latent code from which images are decoded."""
+    cluster_strength: float = 1.0
+    """Scale of the per-cluster low-rank perturbation of the teacher, relative to the root."""
+    client_strength: float = 0.25
+    """Scale of the per-client low-rank perturbation, relative to the root."""
+    perturbation_rank: int = 2
+    """Rank of each planted perturbation."""
+    global_test_size: int = 1000
+    """Size of the global test set (labelled by the root teacher)."""
+
+    def __post_init__(self):
+        for name in ("num_clusters", "num_classes", "samples_per_client", "latent_dim",
+                     "perturbation_rank", "global_test_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: Literal["planted", "digits", "cifar100", "domainnet"] = "planted"
+    """Data set: `planted` (synthetic, known clusters), `digits` (scikit-learn's bundled
+    8x8 digits), `cifar100` (local `cifar-100-python` folder), `domainnet` (local folder)."""
+    root: str = ""
+    """Folder holding the data set on disk (cifar100, domainnet)."""
+    image_size: int = 32
+    """Images are resized to `image_size` x `image_size` (3 channels)."""
+    test_fraction: float = 0.2
+    """Fraction of each client's samples held out as its local test split."""
+    unseen_fraction: float = 0.0
+    """Fraction of clients held out of training: evaluated at the end, zero-shot and after
+    local fine-tuning."""
+    max_samples: int = 0
+    """Cap on the training pool size before partitioning (0: no cap); keeps quick runs quick."""
+    domains: list[str] = field(default_factory=list)
+    """DomainNet domains to load (empty: all six)."""
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    planted: PlantedConfig = field(default_factory=PlantedConfig)
+
+    def __post_init__(self):
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.unseen_fraction < 1.0:
+            raise ValueError(f"unseen_fraction must be in [0, 1), got {self.unseen_fraction}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.max_samples < 0:
+            raise ValueError(f"max_samples must be >= 0, got {self.max_samples}")

@@ -1,0 +1,58 @@
+"""The run directory: resolved config, one metrics line per round, a final summary.
+
+Only the root rank writes. Each file is replaced atomically (written aside, then renamed), so a
+run killed mid-write never leaves a torn `summary.json` or `config.yaml`; `metrics.jsonl` is
+appended line by line and flushed every round.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+__all__ = ["RunDir"]
+
+
+def _clean(value):
+    """JSON has no NaN: undefined metrics (no global model, no unseen clients) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, root: str | Path, *, active: bool):
+        self.path = Path(root)
+        self.active = active
+        if active:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "metrics.jsonl").write_text("")
+
+    def write_config(self, config: dict) -> None:
+        if self.active:
+            _write_atomic(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def log_round(self, metrics: dict) -> None:
+        if self.active:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(_clean(metrics)) + "\n")
+
+    def write_summary(self, summary: dict) -> None:
+        if self.active:
+            _write_atomic(self.path / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")

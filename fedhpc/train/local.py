@@ -1,0 +1,175 @@
+"""Local training of a whole cohort at once: one forward/backward per step for all its clients.
+
+Each client keeps its own data order (a generator keyed by seed, client id and round) and
+its own number of steps; a step feeds every client a batch of exactly `batch_size` rows
+(short batches are padded and masked), so what a client computes never depends on which
+other clients share its pass. Clients whose data ran out sit the step out (`active`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.cohort import CohortModel
+from ..models.dropout import client_keys
+from .optim import OptimConfig, StackedOptimizer, clip_per_client
+
+__all__ = ["TrainConfig", "LocalHooks", "local_train", "client_batches", "split_passes", "probe_clients_per_pass"]
+
+DATA_ORDER = 1  # purpose tag of the data-order stream in the (seed, client, round, purpose) key
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    local_epochs: int = 1
+    """Passes over each client's data per round (ignored when local_steps > 0)."""
+    local_steps: int = 0
+    """If > 0: exactly this many steps per client per round, cycling through its data."""
+    batch_size: int = 16
+    """Samples per client per step."""
+    max_grad_norm: float = 0.0
+    """Clip each client's gradient to this norm (0: no clipping)."""
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    clients_per_pass: int = 0
+    """Clients fused into one forward pass (1: sequential). 0: chosen by a quick probe; any
+    value >= 2 gives the same numbers, so the probe never changes results."""
+    eval_batch_size: int = 64
+    """Rows per client per evaluation pass."""
+
+    def __post_init__(self):
+        for name in ("local_epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_steps < 0 or self.clients_per_pass < 0 or self.max_grad_norm < 0:
+            raise ValueError("local_steps, clients_per_pass and max_grad_norm must be >= 0")
+
+
+class LocalHooks:
+    """What a strategy adds to local training; the defaults add nothing."""
+
+    def loss(self, adapters: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Extra per-client loss `[C]` (e.g. a proximal or orthogonality term)."""
+        return None
+
+    def grads(self, grads: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> None:
+        """Transform the gradients in place before the optimizer step (e.g. control variates)."""
+
+
+def client_batches(indices: np.ndarray, *, seed: int, client: int, round_index: int, cfg: TrainConfig) -> list[np.ndarray]:
+    """This client's batches for this round, from its own keyed generator."""
+    rng = np.random.default_rng([seed, client, round_index, DATA_ORDER])
+    n = len(indices)
+    if cfg.local_steps > 0:
+        epochs = math.ceil(cfg.local_steps * cfg.batch_size / max(n, 1))
+        order = np.concatenate([rng.permutation(indices) for _ in range(epochs)])
+        return [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.local_steps)]
+    batches = []
+    for _ in range(cfg.local_epochs):
+        order = rng.permutation(indices)
+        batches += [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    return batches
+
+
+def split_passes(clients: np.ndarray, per_pass: int) -> list[np.ndarray]:
+    """Chunks of at most `per_pass` clients; a lone trailing client joins the chunk before it
+    (a one-client batched matmul takes a different kernel path, and so different rounding)."""
+    chunks = [clients[i:i + per_pass] for i in range(0, len(clients), per_pass)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+    return chunks
+
+
+def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_state: dict[str, torch.Tensor],
+                trainable: list[str], x: torch.Tensor, y: torch.Tensor, client_ids: np.ndarray,
+                client_indices: list[np.ndarray], seed: int, round_index: int, cfg: TrainConfig,
+                hooks: LocalHooks, scaling: torch.Tensor | None = None, dropout: bool = False) -> torch.Tensor:
+    """Train these clients' adapters `[C, ...]` in place; returns each client's mean loss `[C]`.
+
+    `opt_state` is the optimizer state of the same clients (`StackedOptimizer.init_state`).
+    """
+    count = len(client_ids)
+    device = adapters["head.weight"].device
+    optimizer = StackedOptimizer(cfg.optimizer)
+    plans = [client_batches(ix, seed=seed, client=int(c), round_index=round_index, cfg=cfg)
+             for c, ix in zip(client_ids, client_indices)]
+    steps = max(len(p) for p in plans)
+    loss_sum = torch.zeros(count, dtype=torch.float64, device=device)
+    start = {k: v.detach().clone() for k, v in adapters.items()}
+    ids = torch.as_tensor(client_ids, dtype=torch.int64)
+    for step in range(steps):
+        index, mask, active = _step_batch(plans, step, cfg.batch_size)
+        xb = x[torch.from_numpy(index.reshape(-1))].to(device, non_blocking=True)
+        yb = y[torch.from_numpy(index.reshape(-1))].to(device, non_blocking=True)
+        mask_t = torch.from_numpy(mask).to(device)
+        live = {k: (v.requires_grad_(True) if k in trainable else v) for k, v in adapters.items()}
+        keys = client_keys(seed, ids, round_index, step).to(device) if dropout else None
+        logits = model(xb, live, scaling=scaling, dropout_keys=keys)
+        per_row = F.cross_entropy(logits.float(), yb, reduction="none").view(count, -1)
+        per_client = (per_row * mask_t).sum(1) / mask_t.sum(1).clamp(min=1)
+        extra = hooks.loss(live, start)
+        total = per_client if extra is None else per_client + extra
+        grads = torch.autograd.grad(total.sum(), [live[k] for k in trainable])
+        grads = dict(zip(trainable, grads))
+        for v in adapters.values():
+            v.requires_grad_(False)
+        hooks.grads(grads, adapters)
+        if cfg.max_grad_norm > 0:
+            clip_per_client(list(grads.values()), cfg.max_grad_norm)
+        active_t = torch.from_numpy(active).to(device)
+        optimizer.step(adapters, grads, opt_state, active_t)
+        loss_sum += per_client.detach().double() * active_t
+    counts = torch.tensor([len(p) for p in plans], dtype=torch.float64, device=device)
+    return loss_sum / counts.clamp(min=1)
+
+
+def _step_batch(plans: list[list[np.ndarray]], step: int, batch: int):
+    """Index `[C, batch]` into the pool (padded with the client's first index), row mask, active clients."""
+    count = len(plans)
+    index = np.zeros((count, batch), dtype=np.int64)
+    mask = np.zeros((count, batch), dtype=np.float32)
+    active = np.zeros(count, dtype=bool)
+    for c, plan in enumerate(plans):
+        if step < len(plan):
+            rows = plan[step]
+            index[c, :len(rows)] = rows
+            index[c, len(rows):] = rows[0]
+            mask[c, :len(rows)] = 1.0
+            active[c] = True
+        else:
+            index[c] = plan[0][0] if plan else 0
+    return index, mask, active
+
+
+def probe_clients_per_pass(model: CohortModel, *, sample: torch.Tensor, batch_size: int, max_clients: int,
+                           trainable: list[str], budget_s: float = 2.0) -> int:
+    """Clients per pass with the best measured clients/s on this device, doubling from 2.
+
+    `sample` is one input row; the probe times forward + backward of a synthetic cohort.
+    Stops once doubling gains under 5 %, or the time budget is spent.
+    """
+    best, best_rate, size = 2, 0.0, 2
+    deadline = time.perf_counter() + budget_s
+    cap = max(2, max_clients)
+    while size <= cap:
+        adapters = model.init_adapters(size, torch.Generator().manual_seed(0))
+        adapters = {k: v.to(sample.device).requires_grad_(k in trainable) for k, v in adapters.items()}
+        xb = sample.expand(size * batch_size, *sample.shape).contiguous()
+        rates = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            out = model(xb, adapters)
+            torch.autograd.grad(out.float().square().mean(), [adapters[k] for k in trainable])
+            rates.append(size / (time.perf_counter() - t0))
+        rate = max(rates)
+        if rate < best_rate * 1.05 or time.perf_counter() > deadline:
+            if rate > best_rate:
+                best = size
+            break
+        best, best_rate = size, rate
+        size *= 2
+    return min(best, cap)

@@ -1,0 +1,118 @@
+"""Optimizers over stacked client tensors: one fused update for a whole cohort.
+
+Every tensor is `[C, ...]`, one slice per client. The update is elementwise, so one call is
+C independent optimizers; what differs per client is kept per client: the step count (bias
+correction) and whether the client takes this step at all (`active`, for clients whose
+local data ran out before their cohort's longest client).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["OptimConfig", "StackedOptimizer", "clip_per_client"]
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Local optimizer."""
+    lr: float = 1e-3
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 added to the gradient (SGD)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment decay rates."""
+    eps: float = 1e-8
+    """AdamW denominator floor."""
+    momentum: float = 0.0
+    """SGD momentum."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+
+
+def clip_per_client(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale each client's gradient (all its tensors together) to norm <= max_norm; returns norms [C]."""
+    sq = sum(g.flatten(1).pow(2).sum(1) for g in grads)
+    norms = sq.sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+    return norms
+
+
+class StackedOptimizer:
+    """AdamW or SGD over a dict of stacked tensors, with per-client step counts.
+
+    `state` is a plain dict of tensors keyed like the parameters (`<key>.exp_avg`, ...) plus
+    `step` `[C]`, so callers can gather and scatter it per client with the adapters.
+    """
+
+    def __init__(self, cfg: OptimConfig):
+        self.cfg = cfg
+
+    def state_keys(self, keys: list[str]) -> list[str]:
+        if self.cfg.name == "adamw":
+            return [f"{k}.{s}" for k in keys for s in ("exp_avg", "exp_avg_sq")]
+        return [f"{k}.momentum" for k in keys] if self.cfg.momentum > 0 else []
+
+    def init_state(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        count = next(iter(params.values())).shape[0]
+        device = next(iter(params.values())).device
+        state = {"step": torch.zeros(count, dtype=torch.int64, device=device)}
+        for key in self.state_keys(list(params)):
+            state[key] = torch.zeros_like(params[key.rsplit(".", 1)[0]])
+        return state
+
+    @torch.no_grad()
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+             state: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> None:
+        """One update of every active client, in place."""
+        cfg = self.cfg
+        count = state["step"].shape[0]
+        act = torch.ones(count, dtype=torch.bool, device=state["step"].device) if active is None else active
+        state["step"] += act.to(torch.int64)
+        everyone = bool(act.all())
+        if cfg.name == "adamw":
+            t = state["step"].clamp(min=1).to(torch.float64)
+            bc1 = 1 - cfg.betas[0] ** t
+            bc2_sqrt = (1 - cfg.betas[1] ** t).sqrt()
+            step_size = (cfg.lr / bc1).to(torch.float32)
+        for key, grad in grads.items():
+            p = params[key]
+            shape = (count,) + (1,) * (p.dim() - 1)
+            mask = None if everyone else act.view(shape)
+            if cfg.name == "adamw":
+                m, v = state[f"{key}.exp_avg"], state[f"{key}.exp_avg_sq"]
+                new_m = torch.lerp(m, grad, 1 - cfg.betas[0])
+                new_v = v * cfg.betas[1] + grad * grad * (1 - cfg.betas[1])
+                denom = new_v.sqrt() / bc2_sqrt.to(v.dtype).view(shape) + cfg.eps
+                update = new_m / denom * step_size.view(shape)
+                if cfg.weight_decay:
+                    update = update + p * (cfg.lr * cfg.weight_decay)
+                _assign(m, new_m, mask)
+                _assign(v, new_v, mask)
+            else:
+                update = grad + p * cfg.weight_decay if cfg.weight_decay else grad
+                if cfg.momentum > 0:
+                    buf = state[f"{key}.momentum"]
+                    new_buf = buf * cfg.momentum + update
+                    _assign(buf, new_buf, mask)
+                    update = new_buf
+                update = update * cfg.lr
+            _assign(p, p - update, mask)
+
+
+def _assign(dst: torch.Tensor, src: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if mask is None:
+        dst.copy_(src)
+    else:
+        dst.copy_(torch.where(mask, src, dst))

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny experiment that runs a full federated round on CPU in seconds."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "rounds=2", "num_clients=8", "data.name=planted", "data.unseen_fraction=0.25",
+    "data.planted.samples_per_client=24", "data.planted.num_clusters=2", "data.planted.global_test_size=200",
+    "model.kwargs={img_size: 16, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2}",
+    "lora.target_modules=[qkv, fc1]", "train.batch_size=8", "train.clients_per_pass=3",
+    "train.eval_batch_size=16",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    return TINY + [f"out_dir={tmp_path}"]
+
+
+def mpiexec(n: int, args: list[str], *, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m fedhpc ...` under `mpiexec -n n` from the venv's MPICH."""
+    launcher = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if launcher is None:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([launcher, "-n", str(n), sys.executable, "-m", "fedhpc", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
