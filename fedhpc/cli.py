@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("which", choices=sorted(BENCHES))
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p_bench.set_defaults(func=_bench)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options (`run cfg.yaml --quiet a.b=1`): argparse leaves them over
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return args.func(args)
 
 

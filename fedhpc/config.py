@@ -78,6 +78,10 @@ class ExperimentConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        if self.model.family == "timm":
+            size = self.model.kwargs.setdefault("img_size", self.data.image_size)
+            if size != self.data.image_size:
+                raise ValueError(f"model.kwargs.img_size ({size}) must equal data.image_size ({self.data.image_size})")
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
 

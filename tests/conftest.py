@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
-    "rounds=2", "num_clients=8", "data.name=planted", "data.unseen_fraction=0.25",
+    "rounds=2", "num_clients=8", "data.name=planted", "data.image_size=16", "data.unseen_fraction=0.25",
     "data.planted.samples_per_client=24", "data.planted.num_clusters=2", "data.planted.global_test_size=200",
     "model.kwargs={img_size: 16, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2}",
     "lora.target_modules=[qkv, fc1]", "train.batch_size=8", "train.clients_per_pass=3",

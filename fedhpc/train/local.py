@@ -80,7 +80,8 @@ def split_passes(clients: np.ndarray, per_pass: int) -> list[np.ndarray]:
     (a one-client batched matmul takes a different kernel path, and so different rounding)."""
     chunks = [clients[i:i + per_pass] for i in range(0, len(clients), per_pass)]
     if len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+        last = chunks.pop()
+        chunks[-1] = np.concatenate([chunks[-1], last])
     return chunks
 
 
