@@ -11,10 +11,27 @@ from setuptools import find_packages, setup
 
 
 def cuda_extensions():
-    """The optional extension: opt-in so that a CPU install never needs nvcc."""
+    """The optional extension: opt-in so that a CPU install never needs nvcc.
+
+    With no GPU visible and no TORCH_CUDA_ARCH_LIST, it targets sm_90 (H100/H200). When torch
+    came from pip, cudart is linked from torch's own nvidia wheel, e.g.
+    <site-packages>/nvidia/cu13/lib, which ships `libcudart.so.13` but no unversioned
+    `libcudart.so`: the library is named by file, and the extension uses the very runtime
+    torch loads. bindings.cpp needs no CUDA headers (see csrc/fedhpc_cuda.h).
+    """
     if os.environ.get("FEDHPC_BUILD_CUDA", "0") != "1":
         return [], {}
+    import importlib.util
+
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if torch.version.cuda is None:
+        raise RuntimeError(
+            f"FEDHPC_BUILD_CUDA=1 needs a CUDA build of torch, got torch {torch.__version__}"
+        )
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     ext = CUDAExtension(
@@ -22,6 +39,16 @@ def cuda_extensions():
         sources=sources,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
+    cudart = f"libcudart.so.{torch.version.cuda.split('.')[0]}"
+    spec = importlib.util.find_spec("nvidia")  # namespace package of the nvidia-* wheels
+    wheel_roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in wheel_roots:
+        found = sorted(glob.glob(os.path.join(root, "*", "lib", cudart)))
+        if found:
+            lib_dir = os.path.dirname(found[0])
+            ext.library_dirs.append(lib_dir)
+            ext.libraries = [f":{cudart}" if lib == "cudart" else lib for lib in ext.libraries]
+            break
     return [ext], {"build_ext": BuildExtension}
 
 

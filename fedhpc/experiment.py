@@ -19,6 +19,7 @@ from .data import build_federated_data
 from .evaluate import client_accuracy, shared_accuracy
 from .io.run_dir import RunDir
 from .models.backbone import build_cohort_model
+from .models.teacher import plant_backbone_teacher
 from .runtime.reduce import GroupReduction, allreduce_sum
 from .runtime.world import World, make_world
 from .strategies import build_strategy
@@ -78,6 +79,8 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed, modality=modality,
                                 seq_len=cfg.model.seq_len)
     model = build_cohort_model(cfg.model, cfg.lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device)
+    if cfg.data.name == "planted" and cfg.data.planted.teacher == "backbone":
+        data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
     strategy = build_strategy(cfg.strategy, keys=list(model.shapes), groups=data.groups)
     init = {k: v.to(world.device) for k, v in model.init_adapters(1, torch.Generator().manual_seed(cfg.seed)).items()}
     per_pass = cfg.train.clients_per_pass
@@ -179,7 +182,7 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
     resolved = to_dict(cfg)
     resolved["train"]["clients_per_pass"] = r.per_pass
     out.write_config(resolved)
-    say = print if (progress and world.is_root) else (lambda *a, **k: None)
+    say = (lambda *a: print(*a, flush=True)) if (progress and world.is_root) else (lambda *a: None)
     say(f"fedhpc: {cfg.name}: {data.num_clients} clients ({len(data.unseen)} unseen) on {world.size} rank(s), "
         f"{r.per_pass} clients/pass, device {world.device}; {strategy.summary()}")
 

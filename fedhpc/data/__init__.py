@@ -1,0 +1,62 @@
+"""Federated data: data sets, partitioners and the `FederatedData` every loader returns.
+
+`build_federated_data(cfg, num_clients=..., seed=...)` looks the data set up by name in
+`DATASETS`. Same inputs give bitwise the same `FederatedData` on every process: all
+randomness comes from numpy generators keyed by (seed, purpose), never global state.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+from .cifar100 import load_cifar100
+from .config import DataConfig, PartitionConfig, PlantedConfig
+from .digits import load_digits
+from .domainnet import load_domainnet
+from .federated import FederatedData
+from .planted import TOKEN_OFFSET, TextShape, load_planted
+
+__all__ = ["build_federated_data", "list_datasets", "DATASETS", "TEXT_DATASETS", "DataConfig",
+           "PartitionConfig", "PlantedConfig", "FederatedData", "TOKEN_OFFSET"]
+
+DATASETS: dict[str, Callable[..., FederatedData]] = {
+    "planted": load_planted,
+    "digits": load_digits,
+    "cifar100": load_cifar100,
+    "domainnet": load_domainnet,
+}
+"""Name -> loader `(cfg, *, num_clients, seed) -> FederatedData`."""
+TEXT_DATASETS = ("planted",)
+"""Data sets that can also be rendered as token ids (their loaders take `text=`)."""
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
+                         modality: Literal["image", "text"] = "image", seq_len: int = 32,
+                         vocab_size: int = 1000) -> FederatedData:
+    """Load `cfg.name` and split it over `num_clients` clients.
+
+    Args:
+        cfg: which data set and how it is split.
+        num_clients: clients to create (unseen ones included).
+        seed: keys every random choice; same seed, same data on every rank.
+        modality: `image` gives float32 `[N, 3, S, S]` images; `text` gives int64 token ids
+            `[N, seq_len]` in [TOKEN_OFFSET, TOKEN_OFFSET + vocab_size) (planted only).
+        seq_len: tokens per text sample.
+        vocab_size: distinct token ids a text sample may use.
+    """
+    if cfg.name not in DATASETS:
+        raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(list_datasets())}")
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if modality == "image":
+        return DATASETS[cfg.name](cfg, num_clients=num_clients, seed=seed)
+    if modality != "text":
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+    if cfg.name not in TEXT_DATASETS:
+        raise ValueError(f"data set {cfg.name!r} has images only; text modality needs one of "
+                         f"{', '.join(TEXT_DATASETS)}")
+    return DATASETS[cfg.name](cfg, num_clients=num_clients, seed=seed,
+                              text=TextShape(seq_len=seq_len, vocab_size=vocab_size))
