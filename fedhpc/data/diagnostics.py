@@ -6,7 +6,8 @@
   hierarchical method can exploit), and each client against the root teacher;
 - learnability: a linear classifier on the flattened images of one client's samples,
   scored on fresh samples of the same client, beside the same classifier on the latent
-  codes (the ceiling: images lose nothing if the two match).
+  codes (the ceiling: images lose nothing if the two match); and a linear head on the
+  features of a frozen random-init tiny ViT (what LoRA fine-tuning starts from).
 
     python -m fedhpc.data.diagnostics [--num-clients 32] [--seed 0]
 """
@@ -70,6 +71,30 @@ def linear_probe(cfg: DataConfig, *, num_clients: int, seed: int, num_train: int
             "chance": 1.0 / planted.num_classes}
 
 
+def random_vit_probe(cfg: DataConfig, *, seed: int, num_train: int = 2000,
+                     num_fresh: int = 1000, patch_size: int = 4) -> dict[str, float]:
+    """Logistic regression on the output features of a frozen random-init tiny ViT (the
+    quickstart's shape), on root-labelled planted images."""
+    import timm  # lazy: only this check needs a model
+    import torch
+
+    planted = cfg.planted
+    teachers = plant_teachers(planted, num_clients=1, seed=seed)
+    rng = make_rng(seed, "diagnostics-vit")
+    z = rng.standard_normal((num_train + num_fresh, planted.latent_dim))
+    x = render_images(z, rng, decoder=image_decoder(planted.latent_dim, cfg.image_size, seed))
+    y = teacher_labels(teachers.root_weight, teachers.root_bias, z)
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                            img_size=cfg.image_size, patch_size=patch_size, depth=4,
+                            embed_dim=64, num_heads=4).eval()
+    with torch.no_grad():
+        features = vit(torch.from_numpy(x)).numpy()
+    head = LogisticRegression(max_iter=1000).fit(features[:num_train], y[:num_train])
+    return {"num_train": num_train, "fresh_acc": float(head.score(features[num_train:], y[num_train:])),
+            "chance": 1.0 / planted.num_classes}
+
+
 def planted_report(cfg: DataConfig, *, num_clients: int, seed: int) -> dict[str, dict]:
     data = build_federated_data(cfg, num_clients=num_clients, seed=seed)
     k = cfg.planted.num_classes
@@ -80,6 +105,7 @@ def planted_report(cfg: DataConfig, *, num_clients: int, seed: int) -> dict[str,
         "probe_one_client": linear_probe(cfg, num_clients=num_clients, seed=seed,
                                          num_train=len(data.client_train[0])),
         "probe_1000_samples": linear_probe(cfg, num_clients=num_clients, seed=seed, num_train=1000),
+        "random_vit_probe": random_vit_probe(cfg, seed=seed),
     }
 
 

@@ -72,6 +72,7 @@ def _hf_backbone(cfg: ModelConfig, num_classes: int):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the fresh classifier head is expected, not news
+    hf_logging.disable_progress_bar()
     model = AutoModelForSequenceClassification.from_pretrained(resolve_hf_path(cfg.name), num_labels=num_classes)
     head_name = next((n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Linear)), None)
     if head_name is None:

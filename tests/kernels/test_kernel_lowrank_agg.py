@@ -1,4 +1,6 @@
 """lowrank_aggregate against a float64 dense SVD of Σ w_k B_k A_k (numpy), exact and randomized."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,7 @@ def test_layers_batch_like_a_loop():
         check_against_dense((U[i], S[i], Vh[i]), dense_svd(B[i], A[i], w, 2), 1e-11)
 
 
+@functools.cache
 def randomized_case():
     """R = Σ r_k = 512 > min(d) = 192, σ_17/σ_16 ≈ 0.29: auto goes randomized."""
     B, A, w = lora_clients(32, 256, 192, 16, 16, seed=7, noise=1.5)

@@ -11,8 +11,8 @@ MAX_KERNEL_RANK = 64
 """Largest r for the Triton/CUDA kernels: the r x r Gram and R⁻¹ tiles live in registers."""
 
 
-def _fp32_only(X: torch.Tensor) -> str | None:
-    """Triton/CUDA compute in float32; float64 callers want float64 accuracy."""
+def _kernel_limits(X: torch.Tensor) -> str | None:
+    """Triton/CUDA compute in float32 (float64 callers want float64 accuracy), r <= 64."""
     if X.dtype == torch.float64:
         return "computes in float32 only; float64 input goes to torch"
     if X.shape[-1] > MAX_KERNEL_RANK:
@@ -21,8 +21,8 @@ def _fp32_only(X: torch.Tensor) -> str | None:
 
 
 IMPLS = (
-    Impl("cuda", f"{__name__}.cuda", "cholqr2_cuda", _fp32_only),
-    Impl("triton", f"{__name__}.triton", "cholqr2_triton", _fp32_only),
+    Impl("cuda", f"{__name__}.cuda", "cholqr2_cuda", _kernel_limits),
+    Impl("triton", f"{__name__}.triton", "cholqr2_triton", _kernel_limits),
     Impl("torch", f"{__name__}.reference", "cholqr2_reference"),
 )
 

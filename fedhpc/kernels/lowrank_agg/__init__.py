@@ -46,9 +46,35 @@ def _stack_lists(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], w: torch.
                 or Bk.shape[:-1] != B[0].shape[:-1] or Ak.shape[-1] != A[0].shape[-1]):
             raise ValueError(f"client {k}: B_k must be [.., d_out, r_k] and A_k [.., r_k, d_in] with "
                              f"d_out, d_in, leading dims shared, got B_k {_shape(Bk)}, A_k {_shape(Ak)}")
-    Bw = torch.cat([Bk * wk for Bk, wk in zip(B, w)], dim=-1)
-    At = torch.cat([Ak.mT for Ak in A], dim=-1)
+    Bw = torch.cat([Bk.to(w.dtype) * wk for Bk, wk in zip(B, w)], dim=-1)
+    At = torch.cat([Ak.to(w.dtype).mT for Ak in A], dim=-1)
     return Bw, At
+
+
+def _stacked_factors(B: Factors, A: Factors, weights: torch.Tensor, ranks: torch.Tensor | None):
+    """Validate either input form and return Bw ``[.., d_out, R]``, At ``[.., d_in, R]``.
+
+    Computes in float32, or float64 when any input is float64.
+    """
+    is_list = isinstance(B, (list, tuple))
+    if is_list != isinstance(A, (list, tuple)) or (is_list and (len(B) != len(A) or not B)):
+        raise ValueError("B and A must both be tensors or both be non-empty lists of equal length, got "
+                         f"{type(B).__name__} of {len(B) if is_list else _shape(B)} and "
+                         f"{type(A).__name__} of {len(A) if isinstance(A, (list, tuple)) else _shape(A)}")
+    if not is_list and (not isinstance(B, torch.Tensor) or not isinstance(A, torch.Tensor) or B.ndim not in (3, 4)):
+        raise ValueError(f"B must be [K, d_out, r] or [L, K, d_out, r] (A alike), got {_shape(B)}, {_shape(A)}")
+    K = len(B) if is_list else B.shape[-3]
+    if not isinstance(weights, torch.Tensor) or weights.shape != (K,):
+        raise ValueError(f"weights must be a tensor [K={K}], got {_shape(weights)}")
+    if is_list and ranks is not None:
+        raise ValueError("ranks applies to padded stacked tensors; lists already carry each r_k")
+    tensors = [*B, *A] if is_list else [B, A]
+    dtype = torch.float64 if any(getattr(T, "dtype", None) == torch.float64 for T in (*tensors, weights)) \
+        else torch.float32
+    w = weights.to(device=tensors[0].device, dtype=dtype)
+    if is_list:
+        return _stack_lists(B, A, w)
+    return _stack_tensors(B.to(dtype), A.to(dtype), w, ranks)
 
 
 def lowrank_aggregate(B: Factors, A: Factors, weights: torch.Tensor, *, rank: int,
@@ -82,30 +108,11 @@ def lowrank_aggregate(B: Factors, A: Factors, weights: torch.Tensor, *, rank: in
         U ``[.., d_out, rank]``, S ``[.., rank]`` (descending), Vh ``[.., rank, d_in]``, in
         float32 (float64 if any input is float64).
     """
-    is_list = isinstance(B, (list, tuple))
-    if is_list != isinstance(A, (list, tuple)) or (is_list and (len(B) != len(A) or not B)):
-        raise ValueError("B and A must both be tensors or both be non-empty lists of equal length, got "
-                         f"{type(B).__name__} of {len(B) if is_list else _shape(B)} and "
-                         f"{type(A).__name__} of {len(A) if isinstance(A, (list, tuple)) else _shape(A)}")
-    if not is_list and (not isinstance(B, torch.Tensor) or not isinstance(A, torch.Tensor) or B.ndim not in (3, 4)):
-        raise ValueError(f"B must be [K, d_out, r] or [L, K, d_out, r] (A alike), got {_shape(B)}, {_shape(A)}")
-    K = len(B) if is_list else B.shape[-3]
-    if not isinstance(weights, torch.Tensor) or weights.shape != (K,):
-        raise ValueError(f"weights must be a tensor [K={K}], got {_shape(weights)}")
-    if is_list and ranks is not None:
-        raise ValueError("ranks applies to padded stacked tensors; lists already carry each r_k")
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
     if (oversample is not None and oversample < 0) or power_iters < 0:
         raise ValueError(f"oversample and power_iters must be >= 0, got {oversample}, {power_iters}")
-    first = B[0] if is_list else B
-    dtype = torch.float64 if any(T.dtype == torch.float64 for T in (*([*B, *A] if is_list else [B, A]),
-                                                                    weights)) else torch.float32
-    w = weights.to(device=first.device, dtype=dtype)
-    if is_list:
-        Bw, At = _stack_lists([T.to(dtype) for T in B], [T.to(dtype) for T in A], w)
-    else:
-        Bw, At = _stack_tensors(B.to(dtype), A.to(dtype), w, ranks)
+    Bw, At = _stacked_factors(B, A, weights, ranks)
     d_out, d_in, R = Bw.shape[-2], At.shape[-2], Bw.shape[-1]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank must be an int in [1, min(d_out={d_out}, d_in={d_in})], got {rank!r}")

@@ -22,5 +22,6 @@ def segment_sum_reference(values: torch.Tensor, group_ids: torch.Tensor, weights
     w = weights.to(accumulate_dtype)[:, None]
     step = max(1, CHUNK_BYTES // (max(C, 1) * out.element_size()))
     for f0 in range(0, F, step):
-        out[:, f0:f0 + step].index_add_(0, group_ids, values[:, f0:f0 + step].to(accumulate_dtype) * w)
+        contrib = values[:, f0:f0 + step] * w               # promotes to accumulate_dtype (or wider)
+        out[:, f0:f0 + step].index_add_(0, group_ids, contrib.to(accumulate_dtype))
     return out

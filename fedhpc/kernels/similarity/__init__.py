@@ -8,10 +8,11 @@ from ..dispatch import Backend, Impl, select
 __all__ = ["subspace_similarity"]
 
 MAX_KERNEL_RANK = 128
-"""Largest basis width for the Triton kernel: one 128 x 128 Gram tile per program."""
+"""Largest basis width for the Triton and CUDA kernels: one 128 x 128 Gram tile per program."""
 
 
 def _kernel_limits(U: torch.Tensor, V: torch.Tensor) -> str | None:
+    """Triton/CUDA compute in float32 (float64 callers want float64 accuracy), r <= 128."""
     if torch.float64 in (U.dtype, V.dtype):
         return "computes in float32 only; float64 input goes to torch"
     if max(U.shape[-1], V.shape[-1]) > MAX_KERNEL_RANK:
