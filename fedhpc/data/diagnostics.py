@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from . import build_federated_data
 from .config import DataConfig
@@ -90,7 +91,8 @@ def random_vit_probe(cfg: DataConfig, *, seed: int, num_train: int = 2000,
                             embed_dim=64, num_heads=4).eval()
     with torch.no_grad():
         features = vit(torch.from_numpy(x)).numpy()
-    head = LogisticRegression(max_iter=1000).fit(features[:num_train], y[:num_train])
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    head.fit(features[:num_train], y[:num_train])
     return {"num_train": num_train, "fresh_acc": float(head.score(features[num_train:], y[num_train:])),
             "chance": 1.0 / planted.num_classes}
 

@@ -184,6 +184,11 @@ def render_tokens(z: np.ndarray, rng: np.random.Generator, *, table: np.ndarray,
     return np.concatenate(chunks) + TOKEN_OFFSET
 
 
+def _pool(per_client: list[np.ndarray], part: slice) -> torch.Tensor:
+    """One pool from the same part of every client's samples, client after client."""
+    return torch.from_numpy(np.concatenate([samples[part] for samples in per_client]))
+
+
 def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
                  text: TextShape | None = None) -> FederatedData:
     planted = cfg.planted
@@ -205,17 +210,17 @@ def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
     for k in range(num_clients):
         rng = make_rng(seed, "planted-samples", k)
         z = rng.standard_normal((planted.samples_per_client, planted.latent_dim))
-        xs.append(torch.from_numpy(render(z, rng)))
+        xs.append(render(z, rng))
         ys.append(teacher_labels(teachers.weight[k], teachers.bias[k], z))
-    x, y = torch.stack(xs), torch.from_numpy(np.stack(ys))
+    train, test = slice(None, num_train), slice(num_train, None)
 
     rng = make_rng(seed, "planted-global")
     z = rng.standard_normal((planted.global_test_size, planted.latent_dim))
     blocks = np.arange(num_clients)[:, None]
     return FederatedData(
         name="planted", num_classes=planted.num_classes,
-        train_x=x[:, :num_train].flatten(0, 1), train_y=y[:, :num_train].flatten(),
-        test_x=x[:, num_train:].flatten(0, 1), test_y=y[:, num_train:].flatten(),
+        train_x=_pool(xs, train), train_y=_pool(ys, train),
+        test_x=_pool(xs, test), test_y=_pool(ys, test),
         global_test_x=torch.from_numpy(render(z, rng)),
         global_test_y=torch.from_numpy(teacher_labels(teachers.root_weight, teachers.root_bias, z)),
         client_train=list(blocks * num_train + np.arange(num_train)),
