@@ -12,7 +12,7 @@ from fedhpc.kernels.cholqr import cuda as cholqr_cuda
 from fedhpc.kernels.cholqr import reference as cholqr_ref
 from fedhpc.kernels.similarity import cuda as similarity_cuda
 from fedhpc.kernels.similarity.reference import similarity_reference
-from kernel_testing import assert_rel_close, orthonormality_error, random_bases
+from .kernel_testing import assert_rel_close, orthonormality_error, random_bases
 
 
 class FakeExtension:

@@ -9,7 +9,7 @@ import torch
 from fedhpc.kernels import available_backends, orthonormalize, segment_sum, subspace_similarity
 from fedhpc.kernels.cholqr import IMPLS as CHOLQR_IMPLS
 from fedhpc.kernels.dispatch import cuda_extension, select
-from kernel_testing import needs_interpreter
+from .kernel_testing import needs_interpreter
 
 
 def test_cpu_tensors_use_torch_automatically():

@@ -4,10 +4,12 @@ import functools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedhpc.kernels import lowrank_aggregate
 from fedhpc.kernels.lowrank_agg.reference import prefer_randomized
-from kernel_testing import assert_rel_close, needs_interpreter, orthonormality_error
+from .kernel_testing import PROPERTY, assert_rel_close, needs_interpreter, orthonormality_error
 
 
 def lora_clients(K, d_out, d_in, r, rank, *, seed, noise=0.3):
@@ -105,6 +107,28 @@ def test_weaker_randomized_settings_miss_the_subspace(oversample, power_iters):
     out = lowrank_aggregate(B, A, w, rank=16, method="randomized", oversample=oversample, power_iters=power_iters)
     with pytest.raises(AssertionError, match="subspace|relative error"):
         check_against_dense(out, ref, 1e-6, subspace_tol=1e-5)
+
+
+@PROPERTY
+@given(ranks=st.lists(st.integers(0, 5), min_size=1, max_size=5), d_out=st.integers(1, 30),
+       d_in=st.integers(1, 30), rank=st.integers(1, 30), method=st.sampled_from(["exact", "randomized"]),
+       seed=st.integers(0, 2**16))
+def test_property_best_rank_k_approximation(ranks, d_out, d_in, rank, method, seed):
+    """Whatever the shapes and spectrum: orthonormal factors, exact singular values, and the
+    Eckart-Young residual ‖M − U S Vh‖_F² = Σ_{i>k} σ_i² (randomized: when the sketch covers R)."""
+    rank = min(rank, d_out, d_in)
+    gen = torch.Generator().manual_seed(seed)
+    B = [torch.randn(d_out, rk, generator=gen, dtype=torch.float64) for rk in ranks]
+    A = [torch.randn(rk, d_in, generator=gen, dtype=torch.float64) for rk in ranks]
+    w = torch.rand(len(ranks), generator=gen, dtype=torch.float64)
+    M = sum(wk * Bk @ Ak for Bk, Ak, wk in zip(B, A, w)).numpy()
+    sigma = np.linalg.svd(M, compute_uv=False)
+    U, S, Vh = lowrank_aggregate(B, A, w, rank=rank, method=method, oversample=sum(ranks))
+    assert orthonormality_error(U) <= 1e-12 and orthonormality_error(Vh.mT) <= 1e-12
+    scale = max(sigma[0], 1e-300)
+    assert np.abs(S.numpy() - np.pad(sigma, (0, rank))[:rank]).max() <= 1e-11 * scale
+    residual = np.linalg.norm(M - ((U * S) @ Vh).numpy()) ** 2
+    assert abs(residual - (sigma[rank:] ** 2).sum()) <= 1e-10 * scale ** 2
 
 
 def test_auto_rule_prefers_exact_for_few_clients():

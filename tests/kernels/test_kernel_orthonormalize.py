@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fedhpc.kernels import orthonormalize
 from fedhpc.kernels.cholqr import reference
-from kernel_testing import PROPERTY, assert_rel_close, needs_interpreter, orthonormality_error
+from .kernel_testing import PROPERTY, assert_rel_close, needs_interpreter, orthonormality_error
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 

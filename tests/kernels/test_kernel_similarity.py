@@ -8,7 +8,7 @@ from scipy.linalg import subspace_angles
 
 from fedhpc.kernels import subspace_similarity
 from fedhpc.kernels.similarity import reference
-from kernel_testing import PROPERTY, assert_rel_close, needs_interpreter, random_bases
+from .kernel_testing import PROPERTY, assert_rel_close, needs_interpreter, random_bases
 
 
 def scipy_similarity(U: np.ndarray, V: np.ndarray, ranks_u, ranks_v) -> np.ndarray:

@@ -36,8 +36,8 @@ def segment_sum(values: torch.Tensor, group_ids: torch.Tensor, weights: torch.Te
         raise ValueError(f"values must be a tensor [C, ...], got shape {tuple(getattr(values, 'shape', ()))}")
     C = values.shape[0]
     if not isinstance(group_ids, torch.Tensor) or group_ids.shape != (C,) or group_ids.is_floating_point():
-        raise ValueError(f"group_ids must be an integer tensor [C={C}], got "
-                         f"{getattr(group_ids, 'dtype', type(group_ids).__name__)} {tuple(getattr(group_ids, 'shape', ()))}")
+        got = f"{getattr(group_ids, 'dtype', type(group_ids).__name__)} {tuple(getattr(group_ids, 'shape', ()))}"
+        raise ValueError(f"group_ids must be an integer tensor [C={C}], got {got}")
     if not isinstance(weights, torch.Tensor) or weights.shape != (C,):
         raise ValueError(f"weights must be a tensor [C={C}], got shape {tuple(getattr(weights, 'shape', ()))}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
