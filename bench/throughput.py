@@ -48,8 +48,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedhpc.models.backbone import build_backbone, build_cohort_model  # noqa: E402
 from fedhpc.models.config import LoraConfig, ModelConfig  # noqa: E402
-from fedhpc.train.local import (LocalHooks, TrainConfig, client_batches, local_train,  # noqa: E402
-                                probe_clients_per_pass, split_passes)
+from fedhpc.train.local import (LocalHooks, TrainConfig, client_batches, keep_freed_memory,  # noqa: E402
+                                local_train, probe_clients_per_pass, split_passes)
 from fedhpc.train.optim import OptimConfig, StackedOptimizer  # noqa: E402
 
 SEED, ROUND, CLASSES = 0, 1, 10
@@ -179,13 +179,30 @@ class Setup:
         adapters = {k: v[:clients].clone().requires_grad_(True) for k, v in self.start.items()}
         # .backward() rather than local_train's autograd.grad: FlopCounterMode's module hooks
         # reject autograd.grad; the two run the same backward ops.
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
             F.cross_entropy(self.cohort(self.x[rows], adapters), self.y[rows]).backward()
         cohort = counter.get_total_flops() / clients
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
             F.cross_entropy(self.peft(self.x[rows[:self.regime.batch]]), self.y[rows[:self.regime.batch]]).backward()
         self.peft.zero_grad(set_to_none=True)
         return cohort, counter.get_total_flops()
+
+
+def _attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """Q Kᵀ and P V, as torch counts the CUDA attention kernels."""
+    b, h, s, d = q
+    return 4 * b * h * s * k[2] * d
+
+
+def _attention_backward_flops(grad, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """Recomputed Q Kᵀ plus the four gradient products, as torch counts the CUDA kernels."""
+    b, h, s, d = q
+    return 10 * b * h * s * k[2] * d
+
+
+# FlopCounterMode knows the CUDA flash/efficient attention ops but not the CPU flash kernel
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
 
 
 def timed(fn, device: torch.device) -> float:
@@ -196,13 +213,18 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(fns: dict, repeat: int, device: torch.device) -> dict[str, list[float]]:
-    """Wall times of `repeat` calls of each function, interleaved so load drifts hit all alike."""
-    times = {name: [] for name in fns}
+def alternate(fns: dict, repeat: int, device: torch.device) -> tuple[dict[str, list[float]], dict]:
+    """Wall times of `repeat` calls of each function, interleaved so load drifts hit all alike,
+    and each function's last result."""
+    times, results = {name: [] for name in fns}, {}
     for _ in range(repeat):
         for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return times
+            sync(device)
+            t0 = time.perf_counter()
+            results[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times, results
 
 
 def matmul_peak(device: torch.device, n: int, repeat: int = 3) -> float:
@@ -227,61 +249,90 @@ def describe(name: str, s: Setup) -> None:
           f"({(m['img_size'] // m['patch_size']) ** 2} patches), LoRA r={LORA.r} on {LORA.target_modules} + head")
 
 
-def check_equal(s: Setup, per_pass: int) -> float:
-    """Max |Δ| between the adapters the two trainers produce from the same start."""
-    a, b = s.fresh(), s.fresh()
-    s.cohort_round(a, per_pass)
-    s.sequential_round(b)
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def compare(s: Setup, per_pass: int, repeat: int) -> tuple[float, float]:
     """Warm-up, then alternated timed rounds; returns best round time (cohort, sequential)."""
     warm = s.clients[:max(2, min(per_pass, len(s.clients)))]
     s.cohort_round(s.fresh(), per_pass, warm)
     s.sequential_round(s.fresh(), warm[:2])
-    times = alternate({"cohort": lambda: s.cohort_round(s.fresh(), per_pass),
-                       "sequential": lambda: s.sequential_round(s.fresh())}, repeat, s.device)
+
+    def cohort():
+        store = s.fresh()
+        s.cohort_round(store, per_pass)
+        return store
+
+    def sequential():
+        store = s.fresh()
+        s.sequential_round(store)
+        return store
+
+    times, out = alternate({"cohort": cohort, "sequential": sequential}, repeat, s.device)
+    diff = max((out["cohort"][k] - out["sequential"][k]).abs().max().item() for k in s.start)
+    moved = min((out["sequential"][k] - s.start[k]).abs().max().item() for k in s.start)
+    print(f"  same work: max |cohort - sequential| over all trained adapters {diff:.1e} "
+          f"(smallest max update of a tensor: {moved:.1e})")
     n = s.regime.clients
     for name, label in (("cohort", f"cohort (clients_per_pass={per_pass})"), ("sequential", "sequential peft")):
         t = times[name]
-        print(f"  {label:34s} best {n / min(t):8.1f} clients/s ({min(t) * 1e3:8.1f} ms/round)   "
+        print(f"  {label:34s} best {n / min(t):8.1f} clients/s ({min(t) / n * 1e3:7.2f} ms/client)   "
               f"median {n / statistics.median(t):8.1f} clients/s")
     best = min(times["cohort"]), min(times["sequential"])
     med = [statistics.median(times[k]) for k in ("cohort", "sequential")]
     ratio = best[1] / best[0]
     verdict = "met" if ratio >= s.regime.target else "MISSED"
-    print(f"  ratio cohort/sequential: {ratio:.2f}x best-of-{repeat} ({med[1] / med[0]:.2f}x median)   "
+    print(f"  ratio cohort/sequential: {ratio:.2f}x best of {repeat} ({med[1] / med[0]:.2f}x median)   "
           f"(target >= {s.regime.target:g}x: {verdict})")
     return best
 
 
-def run_overhead(regime: Regime, device: torch.device, repeat: int) -> None:
+def profile_split(s: Setup, per_pass: int, top: int = 8) -> None:
+    """Self CPU time per client of the costliest ops, cohort beside sequential (torch.profiler;
+    the profiler adds a little to every op, so the sequential column is slightly inflated)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clients = s.clients[:max(2, min(per_pass, len(s.clients)))]
+    per_op = {}
+    for name, fn in (("cohort", lambda: s.cohort_round(s.fresh(), per_pass, clients)),
+                     ("sequential", lambda: s.sequential_round(s.fresh(), clients))):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        per_op[name] = {e.key: e.self_cpu_time_total / 1e3 / len(clients) for e in prof.key_averages()}
+    total = {k: sum(v.values()) for k, v in per_op.items()}
+    print(f"  profile, self CPU ms per client ({len(clients)} clients, cohort in one pass):")
+    print(f"    {'op':58s} {'cohort':>8s} {'sequential':>10s}")
+    names = sorted(per_op["sequential"], key=lambda k: -per_op["sequential"][k])[:top]
+    for key in names:
+        print(f"    {key[:58]:58s} {per_op['cohort'].get(key, 0.0):8.2f} {per_op['sequential'][key]:10.2f}")
+    print(f"    {'everything':58s} {total['cohort']:8.2f} {total['sequential']:10.2f}")
+
+
+def run_overhead(regime: Regime, device: torch.device, repeat: int, profile: bool) -> None:
     s = Setup(regime, device)
     describe("overhead-bound", s)
     t0 = time.perf_counter()
     pick = probe_clients_per_pass(s.cohort, sample=s.x[0], batch_size=regime.batch, max_clients=regime.clients,
                                   trainable=s.trainable)
     print(f"  probe_clients_per_pass picks {pick} (probe took {time.perf_counter() - t0:.2f} s)")
-    print(f"  max |cohort - sequential| over all trained adapters: {check_equal(s, pick):.1e}")
     compare(s, pick, repeat)
-    print(f"  clients_per_pass sweep (cohort trainer, best of {repeat} after a warm-up round; "
+    if profile:
+        profile_split(s, pick)
+    sweep_repeat = min(repeat, 3)
+    print(f"  clients_per_pass sweep (cohort trainer, best of {sweep_repeat} after a warm-up round; "
           f"1 = each pass trains the client twice, as _train_round does):")
     sweep = sorted(set(regime.sweep) | {pick})
     for per_pass in sweep:
         s.cohort_round(s.fresh(), per_pass)
-        best = min(timed(lambda: s.cohort_round(s.fresh(), per_pass), device) for _ in range(repeat))
+        best = min(timed(lambda: s.cohort_round(s.fresh(), per_pass), device) for _ in range(sweep_repeat))
         mark = "   <- probe's pick" if per_pass == pick else ""
         print(f"    clients_per_pass {per_pass:4d}: {regime.clients / best:8.1f} clients/s{mark}")
 
 
-def run_compute(regime: Regime, device: torch.device, repeat: int, quick: bool) -> None:
+def run_compute(regime: Regime, device: torch.device, repeat: int, quick: bool, profile: bool) -> None:
     s = Setup(regime, device)
     describe("compute-bound", s)
     pick = probe_clients_per_pass(s.cohort, sample=s.x[0], batch_size=regime.batch, max_clients=regime.clients,
                                   trainable=s.trainable)
     print(f"  probe_clients_per_pass picks {pick}")
-    print(f"  max |cohort - sequential| over all trained adapters: {check_equal(s, pick):.1e}")
     cohort_flops, seq_flops = (f * s.steps / regime.clients for f in s.flops_per_step(max(2, pick)))
     best = compare(s, pick, repeat)
     peak = matmul_peak(device, 1024 if quick else 4096)
@@ -291,6 +342,8 @@ def run_compute(regime: Regime, device: torch.device, repeat: int, quick: bool) 
         print(f"  {name:10s} {flops / 1e9:7.2f} GFLOP/client (fwd+bwd, FlopCounterMode)  {rate:7.1f} GFLOP/s "
               f"= {rate / peak:5.1%} of the measured fp32 torch.mm rate")
     print(f"  fp32 torch.mm {1024 if quick else 4096}^3: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    if profile:
+        profile_split(s, pick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regime", choices=["overhead", "compute", "both"], default="both")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    parser.add_argument("--repeat", type=int, default=0, help="timed rounds of each trainer (0: 5, quick 2)")
+    parser.add_argument("--repeat", type=int, default=0,
+                        help="timed rounds of each trainer (0: 5 overhead, 3 compute; quick 2)")
+    parser.add_argument("--profile", action="store_true", help="also print where each trainer spends its time")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -308,11 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     print(f"torch {torch.__version__}, device {device.type} (GPU: {gpu}), torch threads {torch.get_num_threads()}, "
           f"{load()}")
-    print(f"timing: 1 warm-up, then {repeat} alternated rounds of each trainer; best (median beside)")
+    # local_train sets this on its first call anyway; set it before any timing so both trainers
+    # (one process) run under the same allocator settings
+    kept = keep_freed_memory()
+    print(f"allocator: glibc keeps freed memory (no mmap, no trim) for both trainers: {'yes' if kept else 'no'}")
+    print(f"timing: 1 warm-up, then alternated rounds of each trainer ({repeat} overhead-bound, "
+          f"{args.repeat or (2 if args.quick else 3)} compute-bound); best (median beside)")
     if args.regime in ("overhead", "both"):
-        run_overhead(regimes["overhead"], device, repeat)
+        run_overhead(regimes["overhead"], device, repeat, args.profile)
     if args.regime in ("compute", "both"):
-        run_compute(regimes["compute"], device, max(2, repeat // 2) if not args.quick else repeat, args.quick)
+        run_compute(regimes["compute"], device, args.repeat or (2 if args.quick else 3), args.quick, args.profile)
     print(f"\n{load()}")
     return 0
 
