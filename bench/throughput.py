@@ -323,18 +323,22 @@ def run_overhead(regime: Regime, device: torch.device, repeat: int, profile: boo
     pick = probe_clients_per_pass(s.cohort, sample=s.x[0], batch_size=regime.batch, max_clients=regime.clients,
                                   trainable=s.trainable)
     print(f"  probe_clients_per_pass picks {pick} (probe took {time.perf_counter() - t0:.2f} s)")
-    compare(s, pick, repeat)
+    _, sequential = compare(s, pick, repeat)
     if profile:
         profile_split(s, pick)
     sweep_repeat = min(repeat, 3)
     print(f"  clients_per_pass sweep (cohort trainer, best of {sweep_repeat} after a warm-up round; "
           f"1 = each pass trains the client twice, as _train_round does):")
-    sweep = sorted(set(regime.sweep) | {pick})
-    for per_pass in sweep:
+    rates = {}
+    for per_pass in sorted(set(regime.sweep) | {pick}):
         s.cohort_round(s.fresh(), per_pass)
         best = min(timed(lambda: s.cohort_round(s.fresh(), per_pass), device) for _ in range(sweep_repeat))
+        rates[per_pass] = regime.clients / best
         mark = "   <- probe's pick" if per_pass == pick else ""
-        print(f"    clients_per_pass {per_pass:4d}: {regime.clients / best:8.1f} clients/s{mark}")
+        print(f"    clients_per_pass {per_pass:4d}: {rates[per_pass]:8.1f} clients/s "
+              f"({rates[per_pass] * sequential / regime.clients:.2f}x sequential){mark}")
+    top = max(rates, key=rates.get)
+    print(f"  probe's pick reaches {rates[pick] / rates[top]:.0%} of the best swept value ({top})")
 
 
 def run_compute(regime: Regime, device: torch.device, repeat: int, quick: bool, profile: bool) -> None:
