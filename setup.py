@@ -2,7 +2,7 @@
 
 A plain install is pure Python (CPU, Triton kernels run on any GPU torch sees).
 `FEDHPC_BUILD_CUDA=1 pip install -e .` also builds the optional CUDA extension
-`fedhpc._cuda` from `csrc/` (needs nvcc; set TORCH_CUDA_ARCH_LIST when no GPU is visible).
+`fedhpc._cuda` from `csrc/` (needs nvcc and a CUDA build of torch; TORCH_CUDA_ARCH_LIST defaults to 9.0 when no GPU is visible).
 """
 import glob
 import os
