@@ -102,23 +102,25 @@ def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | N
     cfg, data, strategy = r.cfg, r.data, r.strategy
     mine = participants[np.isin(participants, r.world.clients)]
     up_shapes = {k: r.model.shapes[k] for k in strategy.sent_up()}
-    reduction = GroupReduction(up_shapes, strategy.num_groups())
+    gather_shapes = {k: r.model.shapes[k] for k in strategy.gathered_up()}
+    reduction = GroupReduction(up_shapes, strategy.num_groups(), gather_shapes)
     loss_stats = torch.zeros(2, dtype=torch.float64)
     optimizer = StackedOptimizer(cfg.train.optimizer)
     trainable = strategy.trainable()
     for ids in split_passes(mine, r.per_pass):
         run_ids = ids if len(ids) > 1 else np.repeat(ids, 2)  # see split_passes: never a one-client pass
-        adapters = strategy.broadcast(server, store.get(run_ids), run_ids)
+        state = store.get(run_ids)
+        adapters = strategy.broadcast(server, state, run_ids)
         opt_state = opt_store.get(run_ids) if opt_store else optimizer.init_state({k: adapters[k] for k in trainable})
         weights = torch.as_tensor(data.num_examples[run_ids], dtype=torch.float64)
         losses = local_train(r.model, adapters=adapters, opt_state=opt_state, trainable=trainable,
                              x=data.train_x, y=data.train_y, client_ids=run_ids,
                              client_indices=[data.client_train[c] for c in run_ids], seed=cfg.seed,
-                             round_index=round_index, cfg=cfg.train, hooks=strategy.hooks(),
+                             round_index=round_index, cfg=cfg.train, hooks=strategy.hooks(server, state, run_ids),
                              dropout=cfg.lora.lora_dropout > 0)
         real = slice(0, len(ids))
         trained = {k: v[real] for k, v in adapters.items()}
-        store.put(ids, {k: trained[k] for k in strategy.kept()})
+        store.put(ids, strategy.update_clients(server, trained, {k: v[real] for k, v in state.items()}, ids))
         if opt_store:
             opt_store.put(ids, {k: v[real] for k, v in opt_state.items()})
         reduction.add(strategy.contribute(trained, ids, weights[real]))
@@ -144,7 +146,7 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
     if len(data.unseen) == 0:
         return math.nan, math.nan
     mine = data.unseen[np.isin(data.unseen, r.world.clients)]
-    fresh = {k: v for k, v in r.init.items() if k in r.strategy.kept()}
+    fresh = _initial_client_state(r)
     zero, tuned = [], []
     tune_cfg = type(cfg.train)(**{**vars(cfg.train), "local_epochs": max(1, cfg.eval.unseen_finetune_epochs),
                                   "local_steps": 0})
@@ -152,6 +154,7 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
         run_ids = ids if len(ids) > 1 else np.repeat(ids, 2)
         kept = {k: v.expand(len(run_ids), *v.shape[1:]) for k, v in fresh.items()}
         adapters = r.strategy.broadcast(server, kept, run_ids)
+        hooks = r.strategy.hooks(server, kept, run_ids)
         test = [data.client_test[c] for c in run_ids]
         zero.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
                                     batch=cfg.train.eval_batch_size)[:len(ids)])
@@ -160,13 +163,18 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
             opt_state = StackedOptimizer(cfg.train.optimizer).init_state({k: adapters[k] for k in trainable})
             local_train(r.model, adapters=adapters, opt_state=opt_state, trainable=trainable, x=data.train_x,
                         y=data.train_y, client_ids=run_ids, client_indices=[data.client_train[c] for c in run_ids],
-                        seed=cfg.seed, round_index=cfg.rounds + 1, cfg=tune_cfg, hooks=r.strategy.hooks())
+                        seed=cfg.seed, round_index=cfg.rounds + 1, cfg=tune_cfg, hooks=hooks)
             tuned.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
                                          batch=cfg.train.eval_batch_size)[:len(ids)])
     gather = lambda parts: np.concatenate(r.world.comm.allgather(np.concatenate(parts) if parts else np.zeros(0)))
     zero_all = gather(zero)
     tuned_all = gather(tuned) if cfg.eval.unseen_finetune_epochs > 0 else np.array([math.nan])
     return float(np.nanmean(zero_all)), float(np.nanmean(tuned_all))
+
+
+def _initial_client_state(r: _Run) -> dict[str, torch.Tensor]:
+    """What a client holds before its first round `[1, ...]`: kept adapters at init, plus strategy extras."""
+    return {**{k: v for k, v in r.init.items() if k in r.strategy.kept()}, **r.strategy.client_state(r.init)}
 
 
 def _bytes_per_client(r: _Run, keys: list[str]) -> int:
@@ -187,13 +195,14 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
         f"{r.per_pass} clients/pass, device {world.device}; {strategy.summary()}")
 
     server = strategy.init_server(r.init)
-    kept = {k: r.init[k].expand(len(world.clients), *r.init[k].shape[1:]).clone() for k in strategy.kept()}
+    kept = {k: v.expand(len(world.clients), *v.shape[1:]).clone() for k, v in _initial_client_state(r).items()}
     store = ClientStore(world.clients, kept)
     opt_store = None
     if cfg.strategy.keep_optimizer_state:
         trainable = {k: r.init[k].expand(len(world.clients), *r.init[k].shape[1:]) for k in strategy.trainable()}
         opt_store = ClientStore(world.clients, StackedOptimizer(cfg.train.optimizer).init_state(trainable))
-    up, down = _bytes_per_client(r, strategy.sent_up()), _bytes_per_client(r, strategy.sent_down())
+    up = _bytes_per_client(r, strategy.sent_up() + strategy.gathered_up())
+    down = _bytes_per_client(r, strategy.sent_down())
     totals = {"bytes_up": 0, "bytes_down": 0, "mpi_bytes": 0}
     metrics = {}
     for round_index in range(1, cfg.rounds + 1):

@@ -5,16 +5,22 @@ A strategy never calls MPI and never loops over clients in Python. Per round it
   server state and what each client kept from earlier rounds;
 - says what trains (`trainable`) and how (`hooks`: extra losses, gradient transforms);
 - `contribute`s: tensors `[C, ...]`, a weight and a group id per client (the declared
-  reduction: a weighted mean per group, group = root, cluster or client);
-- `aggregate`s: new server state from the reduced group means, identically on every rank.
+  reduction: a weighted mean per group, group = root, cluster or client), and optionally
+  tensors to be gathered whole in client-id order (concatenation methods: FLoRA, ILoRA);
+- `aggregate`s: new server state from the reduced group means and the gathered rows,
+  identically on every rank.
 
-Server state is a dict of tensors whose leading dimension is the tier's group count (1 for a
-root-level model). Adapter keys follow peft (`<module>.lora_A`, `<module>.lora_B`) plus
-`head.weight` / `head.bias`.
+State lives in tensors, never in the strategy object (which holds only its config), so a
+checkpoint of tensors resumes any method:
+- server state: a dict of tensors replicated on every rank; a tier's tensors lead with its
+  group count (1 for a root-level model); cluster ids, control variates, stage counters too;
+- client state: per client, the adapter keys it `keeps()` plus `client_state()` extras
+  (e.g. a control variate), stored stacked `[clients, ...]` by the rank hosting the client.
+Adapter keys follow peft (`<module>.lora_A`, `<module>.lora_B`) plus `head.weight` / `head.bias`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,20 +62,32 @@ class StrategyConfig(Selectable):
 
 @dataclass
 class Contribution:
-    """What a cohort sends up: tensors `[C, ...]`, weights `[C]`, group ids `[C]` in [0, num_groups)."""
+    """What a cohort sends up: tensors `[C, ...]`, weights `[C]`, group ids `[C]` in [0, num_groups).
+
+    `tensors` are averaged per group; `gathered` tensors `[C, ...]` reach every rank whole,
+    in client-id order (`clients` names the rows).
+    """
     tensors: dict[str, torch.Tensor]
     weights: torch.Tensor
     groups: torch.Tensor
     num_groups: int
+    gathered: dict[str, torch.Tensor] = field(default_factory=dict)
+    clients: np.ndarray | None = None
 
 
 @dataclass
 class Reduced:
-    """The declared reduction's result, the same on every rank: per-group weighted means."""
+    """The declared reduction's result, the same on every rank."""
     means: dict[str, torch.Tensor]
-    """`[num_groups, ...]`; a group nobody contributed to holds zeros."""
+    """`[num_groups, ...]` weighted means; a group nobody contributed to holds zeros."""
     weights: torch.Tensor
     """`[num_groups]` total weight per group (0: group absent this round)."""
+    gathered: dict[str, torch.Tensor] = field(default_factory=dict)
+    """`[P, ...]` rows of every participant, sorted by client id."""
+    gathered_clients: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    """`[P]` client id of each gathered row."""
+    gathered_weights: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    """`[P]` weight of each gathered row."""
 
 
 class Strategy:
@@ -91,6 +109,15 @@ class Strategy:
 
     def keeps(self, key: str) -> bool:
         return False
+
+    def client_state(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Extra per-client tensors `[1, ...]` kept between rounds (initial values), beyond kept adapters."""
+        return {}
+
+    def update_clients(self, server: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                       state: dict[str, torch.Tensor], clients: np.ndarray) -> dict[str, torch.Tensor]:
+        """New client state after local training (`state`: kept adapters + extras before it)."""
+        return {k: trained[k] for k in self.kept()}
 
     # --- DOWN ------------------------------------------------------------------------------
     def init_server(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,13 +153,19 @@ class Strategy:
     def trainable(self) -> list[str]:
         return list(self.keys)
 
-    def hooks(self) -> LocalHooks:
+    def hooks(self, server: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+              clients: np.ndarray) -> LocalHooks:
+        """Local-training additions for these clients (`state`: their kept adapters + extras)."""
         return LocalHooks()
 
     # --- UP --------------------------------------------------------------------------------
     def sent_up(self) -> list[str]:
-        """Keys each client uploads (bytes up, and what the reduction averages)."""
+        """Keys each client uploads and the reduction averages (bytes up are counted on these)."""
         return self.sent_down()
+
+    def gathered_up(self) -> list[str]:
+        """Keys each client uploads to be gathered whole (also counted in bytes up)."""
+        return []
 
     def num_groups(self) -> int:
         return 1
@@ -141,7 +174,8 @@ class Strategy:
         return torch.zeros(len(clients), dtype=torch.int64)
 
     def contribute(self, trained: dict[str, torch.Tensor], clients: np.ndarray, weights: torch.Tensor) -> Contribution:
-        return Contribution({k: trained[k] for k in self.sent_up()}, weights, self.group_of(clients), self.num_groups())
+        return Contribution({k: trained[k] for k in self.sent_up()}, weights, self.group_of(clients), self.num_groups(),
+                            gathered={k: trained[k] for k in self.gathered_up()}, clients=clients)
 
     # --- AGGREGATE -------------------------------------------------------------------------
     def aggregate(self, server: dict[str, torch.Tensor], reduced: Reduced, *, round_index: int) -> dict[str, torch.Tensor]:
