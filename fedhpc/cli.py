@@ -1,7 +1,8 @@
-"""`fedhpc run | bench`: the one entry point, unchanged under python, mpiexec and srun.
+"""`fedhpc run | report | bench`: the one entry point, unchanged under python, mpiexec and srun.
 
     fedhpc run configs/quickstart.yaml strategy.name=ffa_lora train.local_epochs=2
     mpiexec -n 4 fedhpc run configs/quickstart.yaml
+    fedhpc report runs/a runs/b --out reports/ab
     fedhpc bench kernels | throughput
 
 This is the only module that touches MPI.COMM_WORLD.
@@ -50,6 +51,17 @@ def _run(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .io.report import write_report
+
+    try:
+        written = write_report(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(str(err).splitlines()[0], code=2)
+    print(f"fedhpc: report of {len(args.runs)} run(s) in {written[3]}")
+    return 0
+
+
 def _bench(args) -> int:
     import runpy
     from pathlib import Path
@@ -70,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("overrides", nargs="*", help="dotted overrides such as train.local_epochs=2")
     p_run.add_argument("--quiet", action="store_true", help="no progress lines")
     p_run.set_defaults(func=_run)
+    p_report = sub.add_parser("report", help="plots and a Markdown table comparing run directories")
+    p_report.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
+    p_report.add_argument("--out", required=True, help="folder for the PNG plots and report.md")
+    p_report.set_defaults(func=_report)
     p_bench = sub.add_parser("bench", help="run a benchmark from bench/")
     p_bench.add_argument("which", choices=sorted(BENCHES))
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")

@@ -129,7 +129,8 @@ def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | N
 
 
 def _personalized(r: _Run, server, store: ClientStore) -> np.ndarray:
-    """Accuracy of every seen client's personalized model on its local test split, on every rank."""
+    """Accuracy of every seen client's personalized model on its local test split (in the
+    order of `data.seen`, which is sorted), on every rank."""
     mine = r.world.clients[np.isin(r.world.clients, r.data.seen)]
     accs = []
     for ids in split_passes(mine, r.per_pass):
@@ -225,7 +226,9 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
         # --- EVALUATE + LOG ---
         metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
         if round_index % cfg.eval.every == 0 or round_index == cfg.rounds:
-            metrics.update(_evaluate(r, server, store))
+            evaluated, per_client = _evaluate(r, server, store)
+            metrics.update(evaluated)
+            out.write_client_accuracy(round_index, data.seen, per_client)
         elapsed = time.perf_counter() - t0
         metrics.update(round_seconds=elapsed, clients_per_second=len(participants) / elapsed)
         out.log_round(metrics)
@@ -250,14 +253,15 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
     return summary
 
 
-def _evaluate(r: _Run, server, store: ClientStore) -> dict:
+def _evaluate(r: _Run, server, store: ClientStore) -> tuple[dict, np.ndarray]:
+    """Round metrics, and each seen client's personalized accuracy (NaN: empty test split)."""
     out = {}
     global_adapters = r.strategy.global_model(server, r.init)
     out["global_accuracy"] = math.nan if global_adapters is None else shared_accuracy(
         r.model, global_adapters, x=r.data.global_test_x, y=r.data.global_test_y, chunk=GLOBAL_CHUNK, comm=r.world.comm)
-    accs = _personalized(r, server, store)
-    accs = accs[np.isfinite(accs)]
+    per_client = _personalized(r, server, store)
+    accs = per_client[np.isfinite(per_client)]
     if len(accs):
         out.update(personalized_mean=float(accs.mean()), personalized_std=float(accs.std()),
                    personalized_p10=float(np.percentile(accs, 10)))
-    return out
+    return out, per_client

@@ -1,4 +1,5 @@
-"""The run directory: resolved config, one metrics line per round, a final summary.
+"""The run directory: resolved config, one metrics line per round, a final summary, and each
+client's latest personalized accuracy (`client_accuracy.json`, for distribution plots).
 
 Only the root rank writes. Each file is replaced atomically (written aside, then renamed), so a
 run killed mid-write never leaves a torn `summary.json` or `config.yaml`; `metrics.jsonl` is
@@ -52,6 +53,13 @@ class RunDir:
         if self.active:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(_clean(metrics)) + "\n")
+
+    def write_client_accuracy(self, round_index: int, clients, accuracy) -> None:
+        """Per-client personalized accuracy of the latest evaluated round (replaced each time)."""
+        if self.active:
+            record = {"round": round_index, "clients": [int(c) for c in clients],
+                      "personalized_accuracy": [float(a) for a in accuracy]}
+            _write_atomic(self.path / "client_accuracy.json", json.dumps(_clean(record)) + "\n")
 
     def write_summary(self, summary: dict) -> None:
         if self.active:
