@@ -17,9 +17,12 @@ import torch
 from .config import ExperimentConfig, SamplingConfig, to_dict
 from .data import build_federated_data
 from .evaluate import client_accuracy, shared_accuracy
+from .io.checkpoint import CheckpointError, Checkpointer
+from .io.checkpoint import load as load_checkpoint
 from .io.run_dir import RunDir
 from .models.backbone import build_cohort_model
 from .models.teacher import plant_backbone_teacher
+from .runtime.preempt import Preempted, PreemptionGuard
 from .runtime.reduce import GroupReduction, allreduce_sum
 from .runtime.world import World, make_world
 from .strategies import build_strategy
@@ -182,60 +185,115 @@ def _bytes_per_client(r: _Run, keys: list[str]) -> int:
     return sum(int(np.prod(r.model.shapes[k])) for k in keys) * 4  # float32 on the wire
 
 
-def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
-    """Run one experiment; returns the summary (identical on every rank)."""
+def _round(r: _Run, server, store: ClientStore, opt_store: ClientStore | None, round_index: int, *,
+           totals: dict, up: int, down: int, out: RunDir) -> tuple[dict, dict]:
+    """One federated round; returns the new server state and the round's metrics (`totals` grows)."""
+    cfg, comm, data, strategy = r.cfg, r.world.comm, r.data, r.strategy
+    t0 = time.perf_counter()
+    # --- SAMPLE (identical on every rank) ---
+    participants = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
+    # --- DOWN + LOCAL (this rank's participants, whole passes at once) ---
+    reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index)
+    # --- UP + REDUCE (the only collective on the training path) ---
+    reduced, sent = reduction.finish(comm=comm)
+    loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent)])]), comm=comm)
+    train_loss = float(loss_total[0] / loss_total[1])
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
+    # --- AGGREGATE (replicated) ---
+    server = strategy.aggregate(server, reduced, round_index=round_index)
+    totals["bytes_up"] += up * len(participants)
+    totals["bytes_down"] += down * len(participants)
+    totals["mpi_bytes"] += int(loss_total[2])
+    # --- EVALUATE + LOG ---
+    metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
+    if round_index % cfg.eval.every == 0 or round_index == cfg.rounds:
+        evaluated, per_client = _evaluate(r, server, store)
+        metrics.update(evaluated)
+        out.write_client_accuracy(round_index, data.seen, per_client)
+    elapsed = time.perf_counter() - t0
+    metrics.update(round_seconds=elapsed, clients_per_second=len(participants) / elapsed)
+    out.log_round(metrics)
+    return server, metrics
+
+
+def _fresh_state(r: _Run) -> tuple[dict, ClientStore, ClientStore | None]:
+    """Server state, client store and optimizer store (if kept) before round 1."""
+    clients, strategy = r.world.clients, r.strategy
+    server = strategy.init_server(r.init)
+    kept = {k: v.expand(len(clients), *v.shape[1:]).clone() for k, v in _initial_client_state(r).items()}
+    opt_store = None
+    if r.cfg.strategy.keep_optimizer_state:
+        trainable = {k: r.init[k].expand(len(clients), *r.init[k].shape[1:]) for k in strategy.trainable()}
+        opt_store = ClientStore(clients, StackedOptimizer(r.cfg.train.optimizer).init_state(trainable))
+    return server, ClientStore(clients, kept), opt_store
+
+
+def _restore(store: ClientStore, saved: dict[str, torch.Tensor] | None, what: str) -> None:
+    """Replace a store's tensors by a checkpoint's rows, refusing a checkpoint of another layout."""
+    if saved is None or set(saved) != set(store.tensors) or any(
+            saved[k].shape != v.shape for k, v in store.tensors.items()):
+        raise CheckpointError(f"checkpoint {what} tensors do not match this run's strategy and model "
+                              f"(saved: {sorted(saved or [])}, needed: {sorted(store.tensors)})")
+    store.tensors = saved
+
+
+def run(cfg: ExperimentConfig, *, comm, progress: bool = True, resume: str | Path | None = None) -> dict:
+    """Run one experiment, or continue it from the checkpoint file `resume`; returns the summary
+    (identical on every rank). SIGTERM / SIGUSR1 end it early with a checkpoint (`Preempted`)."""
+    with PreemptionGuard() as guard:
+        return _run(cfg, comm=comm, progress=progress, resume=resume, guard=guard)
+
+
+def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: PreemptionGuard) -> dict:
     t_start = time.perf_counter()
     r = _setup(cfg, comm)
     world, strategy, data = r.world, r.strategy, r.data
-    out = RunDir(Path(cfg.out_dir) / cfg.name, active=world.is_root)
     resolved = to_dict(cfg)
     resolved["train"]["clients_per_pass"] = r.per_pass
-    out.write_config(resolved)
     say = (lambda *a: print(*a, flush=True)) if (progress and world.is_root) else (lambda *a: None)
+    server, store, opt_store = _fresh_state(r)
+    totals = {"bytes_up": 0, "bytes_down": 0, "mpi_bytes": 0}
+    history, wall_before, first = [], 0.0, 1
+    if resume is not None:
+        saved = load_checkpoint(resume, clients=world.clients, device=world.device)
+        _restore(store, saved.clients, "client")
+        if opt_store is not None:
+            _restore(opt_store, saved.optimizer, "optimizer")
+        server, totals, history, wall_before, first = (saved.server, saved.totals, saved.metrics,
+                                                       saved.wall_seconds, saved.round + 1)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    out = RunDir(run_dir, active=world.is_root, history=history)
+    out.write_config(resolved)
+    checkpoints = Checkpointer(run_dir, cfg.checkpoint, comm=comm, rounds=cfg.rounds, config=resolved,
+                               num_clients=data.num_clients, fresh=resume is None)
     say(f"fedhpc: {cfg.name}: {data.num_clients} clients ({len(data.unseen)} unseen) on {world.size} rank(s), "
         f"{r.per_pass} clients/pass, device {world.device}; {strategy.summary()}")
-
-    server = strategy.init_server(r.init)
-    kept = {k: v.expand(len(world.clients), *v.shape[1:]).clone() for k, v in _initial_client_state(r).items()}
-    store = ClientStore(world.clients, kept)
-    opt_store = None
-    if cfg.strategy.keep_optimizer_state:
-        trainable = {k: r.init[k].expand(len(world.clients), *r.init[k].shape[1:]) for k in strategy.trainable()}
-        opt_store = ClientStore(world.clients, StackedOptimizer(cfg.train.optimizer).init_state(trainable))
+    if resume is not None:
+        say(f"fedhpc: resumed from {resume} (round {first - 1} of {cfg.rounds})")
     up = _bytes_per_client(r, strategy.sent_up() + strategy.gathered_up())
     down = _bytes_per_client(r, strategy.sent_down())
-    totals = {"bytes_up": 0, "bytes_down": 0, "mpi_bytes": 0}
-    metrics = {}
-    for round_index in range(1, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        # --- SAMPLE (identical on every rank) ---
-        participants = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
-        # --- DOWN + LOCAL (this rank's participants, whole passes at once) ---
-        reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index)
-        # --- UP + REDUCE (the only collective on the training path) ---
-        reduced, sent = reduction.finish(comm=comm)
-        loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent)])]), comm=comm)
-        train_loss = float(loss_total[0] / loss_total[1])
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
-        # --- AGGREGATE (replicated) ---
-        server = strategy.aggregate(server, reduced, round_index=round_index)
-        totals["bytes_up"] += up * len(participants)
-        totals["bytes_down"] += down * len(participants)
-        totals["mpi_bytes"] += int(loss_total[2])
-        # --- EVALUATE + LOG ---
-        metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
-        if round_index % cfg.eval.every == 0 or round_index == cfg.rounds:
-            evaluated, per_client = _evaluate(r, server, store)
-            metrics.update(evaluated)
-            out.write_client_accuracy(round_index, data.seen, per_client)
-        elapsed = time.perf_counter() - t0
-        metrics.update(round_seconds=elapsed, clients_per_second=len(participants) / elapsed)
-        out.log_round(metrics)
-        say(f"round {round_index:>3}/{cfg.rounds}  loss {train_loss:.4f}  "
-            f"global {metrics.get('global_accuracy', math.nan):.4f}  "
-            f"personalized {metrics.get('personalized_mean', math.nan):.4f}  "
-            f"{metrics['clients_per_second']:.1f} clients/s")
+    metrics = history[-1] if history else {}
+    try:
+        for round_index in range(first, cfg.rounds + 1):
+            server, metrics = _round(r, server, store, opt_store, round_index, totals=totals, up=up, down=down,
+                                     out=out)
+            history.append(metrics)
+            say(f"round {round_index:>3}/{cfg.rounds}  loss {metrics['train_loss']:.4f}  "
+                f"global {metrics.get('global_accuracy', math.nan):.4f}  "
+                f"personalized {metrics.get('personalized_mean', math.nan):.4f}  "
+                f"{metrics['clients_per_second']:.1f} clients/s")
+            # --- CHECKPOINT (in the background) / PREEMPTION (agreed by all ranks) ---
+            preempted = guard.agreed(comm=comm)
+            if checkpoints.due(round_index) or preempted:
+                path = checkpoints.save(round_index, server=server, clients=store.tensors,
+                                        optimizer=opt_store.tensors if opt_store else None, totals=totals,
+                                        metrics=history, wall_seconds=wall_before + time.perf_counter() - t_start,
+                                        wait=preempted)
+            if preempted:
+                raise Preempted(round_index, path)
+    finally:
+        checkpoints.wait()
     unseen_zero, unseen_tuned = _unseen(r, server)
     summary = {
         "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds, "ranks": world.size,
@@ -246,7 +304,7 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
         "personalized_p10": metrics.get("personalized_p10", math.nan),
         "unseen_accuracy": unseen_zero, "unseen_accuracy_finetuned": unseen_tuned,
         "final_train_loss": metrics.get("train_loss", math.nan),
-        **totals, "wall_seconds": time.perf_counter() - t_start,
+        **totals, "wall_seconds": wall_before + time.perf_counter() - t_start,
     }
     out.write_summary(summary)
     say(f"fedhpc: done in {summary['wall_seconds']:.1f}s; summary in {out.path / 'summary.json'}")

@@ -68,7 +68,7 @@ def test_report_of_a_real_run(tiny_overrides, tmp_path):
     from fedhpc.config import load_config
     from fedhpc.experiment import run
 
-    cfg = load_config(REPO / "configs/quickstart.yaml", tiny_overrides + ["name=real"])
+    cfg = load_config(REPO / "configs/quickstart.yaml", tiny_overrides + ["name=real", "checkpoint.every=0"])
     summary = run(cfg, comm=MPI.COMM_SELF, progress=False)
     written = write_report([tmp_path / "real"], tmp_path / "rep")
     (row,) = _table(written[3].read_text())
