@@ -185,38 +185,6 @@ def _bytes_per_client(r: _Run, keys: list[str]) -> int:
     return sum(int(np.prod(r.model.shapes[k])) for k in keys) * 4  # float32 on the wire
 
 
-def _round(r: _Run, server, store: ClientStore, opt_store: ClientStore | None, round_index: int, *,
-           totals: dict, up: int, down: int, out: RunDir) -> tuple[dict, dict]:
-    """One federated round; returns the new server state and the round's metrics (`totals` grows)."""
-    cfg, comm, data, strategy = r.cfg, r.world.comm, r.data, r.strategy
-    t0 = time.perf_counter()
-    # --- SAMPLE (identical on every rank) ---
-    participants = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
-    # --- DOWN + LOCAL (this rank's participants, whole passes at once) ---
-    reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index)
-    # --- UP + REDUCE (the only collective on the training path) ---
-    reduced, sent = reduction.finish(comm=comm)
-    loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent)])]), comm=comm)
-    train_loss = float(loss_total[0] / loss_total[1])
-    if not math.isfinite(train_loss):
-        raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
-    # --- AGGREGATE (replicated) ---
-    server = strategy.aggregate(server, reduced, round_index=round_index)
-    totals["bytes_up"] += up * len(participants)
-    totals["bytes_down"] += down * len(participants)
-    totals["mpi_bytes"] += int(loss_total[2])
-    # --- EVALUATE + LOG ---
-    metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
-    if round_index % cfg.eval.every == 0 or round_index == cfg.rounds:
-        evaluated, per_client = _evaluate(r, server, store)
-        metrics.update(evaluated)
-        out.write_client_accuracy(round_index, data.seen, per_client)
-    elapsed = time.perf_counter() - t0
-    metrics.update(round_seconds=elapsed, clients_per_second=len(participants) / elapsed)
-    out.log_round(metrics)
-    return server, metrics
-
-
 def _fresh_state(r: _Run) -> tuple[dict, ClientStore, ClientStore | None]:
     """Server state, client store and optimizer store (if kept) before round 1."""
     clients, strategy = r.world.clients, r.strategy
@@ -274,26 +242,46 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
     up = _bytes_per_client(r, strategy.sent_up() + strategy.gathered_up())
     down = _bytes_per_client(r, strategy.sent_down())
     metrics = history[-1] if history else {}
-    try:
-        for round_index in range(first, cfg.rounds + 1):
-            server, metrics = _round(r, server, store, opt_store, round_index, totals=totals, up=up, down=down,
-                                     out=out)
-            history.append(metrics)
-            say(f"round {round_index:>3}/{cfg.rounds}  loss {metrics['train_loss']:.4f}  "
-                f"global {metrics.get('global_accuracy', math.nan):.4f}  "
-                f"personalized {metrics.get('personalized_mean', math.nan):.4f}  "
-                f"{metrics['clients_per_second']:.1f} clients/s")
-            # --- CHECKPOINT (in the background) / PREEMPTION (agreed by all ranks) ---
-            preempted = guard.agreed(comm=comm)
-            if checkpoints.due(round_index) or preempted:
-                path = checkpoints.save(round_index, server=server, clients=store.tensors,
-                                        optimizer=opt_store.tensors if opt_store else None, totals=totals,
-                                        metrics=history, wall_seconds=wall_before + time.perf_counter() - t_start,
-                                        wait=preempted)
-            if preempted:
-                raise Preempted(round_index, path)
-    finally:
-        checkpoints.wait()
+    for round_index in range(first, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        # --- SAMPLE (identical on every rank) ---
+        participants = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
+        # --- DOWN + LOCAL (this rank's participants, whole passes at once) ---
+        reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index)
+        # --- UP + REDUCE (the only collective on the training path) ---
+        reduced, sent = reduction.finish(comm=comm)
+        loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent)])]), comm=comm)
+        train_loss = float(loss_total[0] / loss_total[1])
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
+        # --- AGGREGATE (replicated) ---
+        server = strategy.aggregate(server, reduced, round_index=round_index)
+        totals["bytes_up"] += up * len(participants)
+        totals["bytes_down"] += down * len(participants)
+        totals["mpi_bytes"] += int(loss_total[2])
+        # --- EVALUATE + LOG ---
+        metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
+        if round_index % cfg.eval.every == 0 or round_index == cfg.rounds:
+            evaluated, per_client = _evaluate(r, server, store)
+            metrics.update(evaluated)
+            out.write_client_accuracy(round_index, data.seen, per_client)
+        elapsed = time.perf_counter() - t0
+        metrics.update(round_seconds=elapsed, clients_per_second=len(participants) / elapsed)
+        out.log_round(metrics)
+        history.append(metrics)
+        say(f"round {round_index:>3}/{cfg.rounds}  loss {train_loss:.4f}  "
+            f"global {metrics.get('global_accuracy', math.nan):.4f}  "
+            f"personalized {metrics.get('personalized_mean', math.nan):.4f}  "
+            f"{metrics['clients_per_second']:.1f} clients/s")
+        # --- CHECKPOINT (in the background) / PREEMPTION (agreed by all ranks) ---
+        preempted = guard.agreed(comm=comm)
+        if checkpoints.due(round_index) or preempted:
+            path = checkpoints.save(round_index, server=server, clients=store.tensors,
+                                    optimizer=opt_store.tensors if opt_store else None, totals=totals,
+                                    metrics=history, wall_seconds=wall_before + time.perf_counter() - t_start,
+                                    wait=preempted)
+        if preempted:
+            raise Preempted(round_index, path)
     unseen_zero, unseen_tuned = _unseen(r, server)
     summary = {
         "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds, "ranks": world.size,
@@ -306,6 +294,7 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
         "final_train_loss": metrics.get("train_loss", math.nan),
         **totals, "wall_seconds": wall_before + time.perf_counter() - t_start,
     }
+    checkpoints.wait()  # the last checkpoint is on disk before the summary says "done"
     out.write_summary(summary)
     say(f"fedhpc: done in {summary['wall_seconds']:.1f}s; summary in {out.path / 'summary.json'}")
     return summary

@@ -370,7 +370,9 @@ class Checkpointer:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.blocked_seconds: list[float] = []
-        """Time the round loop spent in each `save` (for bench/checkpoint.py)."""
+        """Time the round loop spent in each `save` (for bench/checkpoint.py) ..."""
+        self.waited_seconds: list[float] = []
+        """... of which waiting for the previous write to finish (rank 0)."""
         if self.is_writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob("*.tmp"):  # left by a writer that was killed
@@ -403,7 +405,9 @@ class Checkpointer:
                      "wall_seconds": wall_seconds, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                      **{k: int(v) for k, v in totals.items()}}
             snap = Snapshot(round_index, attrs, self.config, "".join(json_line(m) for m in metrics), tensors)
+            t_wait = time.perf_counter()
             self.wait()  # one write in flight at a time: a slow disk slows the loop, never corrupts it
+            self.waited_seconds.append(time.perf_counter() - t_wait)
             self.thread = threading.Thread(target=self._write, args=(path, snap), name="fedhpc-checkpoint")
             self.thread.start()
             if wait or not self.cfg.background:
