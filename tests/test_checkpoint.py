@@ -201,5 +201,9 @@ def test_resume_refuses_a_changed_config(reference, tmp_path, capsys):
     assert main(args + ["train.optimizer.lr=0.02"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.optimizer.lr: 0.02 differs from the checkpoint's 0.01" in err
+    assert main(["run", "--resume", str(tmp_path / "quickstart"), "lora.r=8"]) == 2
+    assert "lora.r: 8 differs from the checkpoint's 4" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "quickstart"), "rounds=3"]) == 2
+    assert "rounds: 3 but the checkpoint is at round 4" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err

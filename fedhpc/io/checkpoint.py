@@ -46,12 +46,12 @@ import yaml
 
 from .run_dir import json_line
 
-__all__ = ["CheckpointConfig", "Checkpointer", "Restored", "write_checkpoint", "verify", "find_resumable",
-           "read_config", "resume_config", "saved_round", "describe", "load", "checkpoint_dir", "CheckpointError", "FORMAT"]
+__all__ = ["CheckpointConfig", "Checkpointer", "Restored", "Snapshot", "write_checkpoint", "verify", "describe",
+           "find_resumable", "read_config", "resume_config", "saved_round", "load", "checkpoint_dir",
+           "CheckpointError", "FORMAT"]
 
 FORMAT = "fedhpc-checkpoint"
 FORMAT_VERSION = 1
-GROUPS = ("server", "clients", "optimizer")
 
 
 @dataclass(kw_only=True)
@@ -377,9 +377,12 @@ class Checkpointer:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob("*.tmp"):  # left by a writer that was killed
                 stale.unlink()
-            if fresh:
-                for old in self.folder.glob("round-*.h5"):
-                    old.unlink()
+            earlier = sorted(self.folder.glob("round-*.h5")) if fresh else []
+            for old in earlier:
+                old.unlink()
+            if earlier:
+                print(f"fedhpc: starting afresh: deleted {len(earlier)} checkpoint(s) of an earlier run in "
+                      f"{self.folder} (--resume auto continues a run instead)", flush=True)
 
     def due(self, round_index: int) -> bool:
         every = self.cfg.every
@@ -400,8 +403,7 @@ class Checkpointer:
             tensors["server"] = {key: _to_numpy(v.clone()) for key, v in sorted(server.items())}
             if optimizer is None:
                 del tensors["optimizer"]
-            attrs = {"rounds": self.rounds, "num_clients": self.num_clients,
-                     "strategy": self.strategy,
+            attrs = {"rounds": self.rounds, "num_clients": self.num_clients, "strategy": self.strategy,
                      "wall_seconds": wall_seconds, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                      **{k: int(v) for k, v in totals.items()}}
             snap = Snapshot(round_index, attrs, self.config, "".join(json_line(m) for m in metrics), tensors)
