@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedhpc.io.checkpoint import CheckpointConfig, Checkpointer, Snapshot, _to_numpy, write_checkpoint  # noqa: E402
+from fedhpc.train.local import keep_freed_memory  # noqa: E402
 
 
 def client_state(clients: int, layers: int, d: int, r: int) -> tuple[dict, dict, dict]:
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="512x512 matmuls per simulated round")
     parser.add_argument("--folder", default=None, help="where to write (default: a temporary folder in ./runs)")
     args = parser.parse_args()
+    keep_freed_memory()  # as every CPU run does (local_train): snapshot buffers reuse the heap, no page faults
     server, clients, optimizer = client_state(args.clients, args.layers, args.d, args.r)
     base = Path(args.folder or "runs")
     base.mkdir(parents=True, exist_ok=True)
