@@ -166,7 +166,7 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
         zero.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
                                     batch=cfg.train.eval_batch_size, scaling=scaling)[:len(ids)])
         if cfg.eval.unseen_finetune_epochs > 0:
-            trainable = list(adapters)
+            trainable = [k for k in adapters if k in r.model.shapes]  # not a shared base delta
             opt_state = StackedOptimizer(cfg.train.optimizer).init_state({k: adapters[k] for k in trainable})
             local_train(r.model, adapters=adapters, opt_state=opt_state, trainable=trainable, x=data.train_x,
                         y=data.train_y, client_ids=run_ids, client_indices=[data.client_train[c] for c in run_ids],
