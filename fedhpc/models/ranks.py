@@ -68,17 +68,9 @@ class ClientRanks:
     """`[num_clients]` int rank per client."""
     lora_alpha: float
 
-    @classmethod
-    def uniform(cls, num_clients: int, rank: int, lora_alpha: float) -> "ClientRanks":
-        return cls(np.full(num_clients, rank, dtype=np.int64), lora_alpha)
-
     @property
     def max(self) -> int:
         return int(self.ranks.max())
-
-    @property
-    def heterogeneous(self) -> bool:
-        return bool((self.ranks != self.ranks[0]).any())
 
     def of(self, clients: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(self.ranks[np.asarray(clients)], dtype=torch.int64)

@@ -79,6 +79,15 @@ class FactorStrategy(Strategy):
                             p=w / w.sum(), s=self.ranks.lora_alpha / ranks.double(), ranks=ranks)
 
     # --- server state -------------------------------------------------------------------
+    def init_server(self, init, *, frozen=None):
+        """In product units the shared init A_0 is stored as s_max A_0: a rank-r_max client starts at
+        peft's init, a rank-r_k client at (r_k / r_max) A_0 (B = 0, so every product starts at 0)."""
+        server = super().init_server(init)
+        if self.product_units:
+            for m in self.modules:
+                server[f"{m}.lora_A"] = server[f"{m}.lora_A"] * self.ranks.max_scaling
+        return server
+
     def zero_deltas(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A zero base delta `[1, d_out, d_in]` per module."""
         out = {}

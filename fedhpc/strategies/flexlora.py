@@ -49,10 +49,3 @@ class FlexLoRA(FactorStrategy):
             new[f"{m}.lora_B"] = self.store(B, server[f"{m}.lora_B"])
             new[f"{m}.lora_A"] = self.store(A, server[f"{m}.lora_A"])
         return new
-
-    def init_server(self, init, *, frozen=None):
-        """Product units: the shared init A_0 is stored as s_max A_0 (clients of rank r_max start at A_0)."""
-        server = super().init_server(init)
-        for m in self.modules:
-            server[f"{m}.lora_A"] = server[f"{m}.lora_A"] * self.ranks.max_scaling
-        return server

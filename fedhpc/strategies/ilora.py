@@ -128,9 +128,6 @@ class ILoRA(FactorStrategy):
         server = super().init_server(init)
         server.update({k + CV: torch.zeros_like(init[k]) for k in self.controlled()})
         if self.cfg.init == "default":
-            if self.product_units:
-                for m in self.modules:
-                    server[f"{m}.lora_A"] = server[f"{m}.lora_A"] * self.ranks.max_scaling
             return server
         if frozen is None:
             raise ValueError("strategy ilora with init=qr needs the frozen weights")
