@@ -29,17 +29,19 @@ VARIANTS = {  # label: (config, extra overrides)
     "ilora (qr)": ("ilora", []),
     "ilora (svd)": ("ilora", ["strategy.aggregation=svd"]),
     "ilora (qr) + control": ("ilora", ["strategy.use_control=true"]),
+    "ilora (qr), official scaling": ("ilora", ["strategy.scale_across_ranks=false"]),
     "flora": ("flora", []),
     "flexlora": ("flexlora", []),
     "hetlora": ("hetlora", []),
     "fedex_lora": ("fedex_lora", []),
     "lora_fair": ("lora_fair", []),
+    "lora_fair, s_k-weighted": ("lora_fair", ["strategy.scale_across_ranks=true"]),
 }
 SETTINGS = {"ranks [2, 4, 8]": [], "r = 4": ["lora.ranks=[]"]}
 
 
 def _folder(label: str) -> str:
-    return label.replace(" ", "").replace("(", "_").replace(")", "").replace("+", "_")
+    return label.replace(" ", "").replace("(", "_").replace(")", "").replace("+", "_").replace(",", "_")
 
 
 def main() -> None:
