@@ -226,16 +226,18 @@ def test_fedex_lora_merged_weight_is_the_exact_weighted_product():
     assert "m.base_delta" in global_model and "m.base_delta" in s.broadcast(new, {}, CLIENTS)
 
 
-def test_lora_fair_corrects_b_by_ridge_least_squares():
-    equal = np.full(5, R_MAX)
-    s = _make("lora_fair", ranks=equal, lambda_reg=0.05)
-    trained = _trained(CLIENTS, 10, ranks=equal)
+@pytest.mark.parametrize("equal,scaled", [(True, False), (False, False), (False, True)])
+def test_lora_fair_corrects_b_by_ridge_least_squares(equal, scaled):
+    ranks = np.full(5, R_MAX) if equal else RANKS
+    s = _make("lora_fair", ranks=ranks, lambda_reg=0.05, scale_across_ranks=scaled)
+    trained = _trained(CLIENTS, 10, ranks=ranks)
     new = _round(s, s.init_server(_init()), CLIENTS, trained, WEIGHTS)
     p = (WEIGHTS / WEIGHTS.sum()).numpy()
+    weight = [p[i] * (R_MAX / ranks[c] if scaled else 1.0) for i, c in enumerate(CLIENTS)]  # (s_k / s_max)
     for m in MODULES:
-        A = np.tensordot(p, trained[f"{m}.lora_A"].double().numpy(), axes=1)
+        A = np.tensordot(p, trained[f"{m}.lora_A"].double().numpy(), axes=1)  # padded entries are zero
         B = np.tensordot(p, trained[f"{m}.lora_B"].double().numpy(), axes=1)
-        target = sum(p[i] * trained[f"{m}.lora_B"][i].double().numpy() @ trained[f"{m}.lora_A"][i].double().numpy()
+        target = sum(weight[i] * trained[f"{m}.lora_B"][i].double().numpy() @ trained[f"{m}.lora_A"][i].double().numpy()
                      for i in range(len(CLIENTS)))
         delta = (target - B @ A) @ A.T @ np.linalg.inv(A @ A.T + 0.05 * np.eye(R_MAX))
         _close(new[f"{m}.lora_B"][0].numpy(), B + delta)
