@@ -21,6 +21,7 @@ from .io.checkpoint import CheckpointError, Checkpointer
 from .io.checkpoint import load as load_checkpoint
 from .io.run_dir import RunDir
 from .models.backbone import build_cohort_model
+from .models.ranks import ClientRanks, mask_to_ranks, numel_at_rank
 from .models.teacher import plant_backbone_teacher
 from .runtime.preempt import Preempted, PreemptionGuard
 from .runtime.reduce import GroupReduction, allreduce_sum
@@ -74,6 +75,7 @@ class _Run:
     strategy: object
     init: dict
     per_pass: int
+    ranks: ClientRanks
 
 
 def _setup(cfg: ExperimentConfig, comm) -> _Run:
@@ -81,10 +83,12 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     modality = "text" if cfg.model.family == "hf" else "image"
     data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed, modality=modality,
                                 seq_len=cfg.model.seq_len)
-    model = build_cohort_model(cfg.model, cfg.lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device)
+    ranks = ClientRanks(cfg.lora.client_ranks(cfg.num_clients, seed=cfg.seed), cfg.lora.lora_alpha)
+    model = build_cohort_model(cfg.model, cfg.lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device,
+                               rank=ranks.max)
     if cfg.data.name == "planted" and cfg.data.planted.teacher == "backbone":
         data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
-    strategy = build_strategy(cfg.strategy, keys=list(model.shapes), groups=data.groups)
+    strategy = build_strategy(cfg.strategy, keys=list(model.shapes), groups=data.groups, ranks=ranks)
     init = {k: v.to(world.device) for k, v in model.init_adapters(1, torch.Generator().manual_seed(cfg.seed)).items()}
     per_pass = cfg.train.clients_per_pass
     if per_pass == 0:
@@ -96,7 +100,7 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
                                             batch_size=cfg.train.batch_size, max_clients=max(2, len(world.clients)),
                                             trainable=strategy.trainable())
         per_pass = comm.bcast(choice, root=0)
-    return _Run(cfg, world, data, model, strategy, init, per_pass)
+    return _Run(cfg, world, data, model, strategy, init, per_pass, ranks)
 
 
 def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | None, participants: np.ndarray,
@@ -104,8 +108,8 @@ def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | N
     """Local training of this rank's participants, pass by pass; returns the reduction and losses."""
     cfg, data, strategy = r.cfg, r.data, r.strategy
     mine = participants[np.isin(participants, r.world.clients)]
-    up_shapes = {k: r.model.shapes[k] for k in strategy.sent_up()}
-    gather_shapes = {k: r.model.shapes[k] for k in strategy.gathered_up()}
+    up_shapes = {k: strategy.shape_of(k, r.model.shapes) for k in strategy.sent_up()}
+    gather_shapes = {k: strategy.shape_of(k, r.model.shapes) for k in strategy.gathered_up()}
     reduction = GroupReduction(up_shapes, strategy.num_groups(), gather_shapes)
     loss_stats = torch.zeros(2, dtype=torch.float64)
     optimizer = StackedOptimizer(cfg.train.optimizer)
@@ -113,16 +117,17 @@ def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | N
     for ids in split_passes(mine, r.per_pass):
         run_ids = ids if len(ids) > 1 else np.repeat(ids, 2)  # see split_passes: never a one-client pass
         state = store.get(run_ids)
-        adapters = strategy.broadcast(server, state, run_ids)
+        adapters = _start(r, server, state, run_ids)
         opt_state = opt_store.get(run_ids) if opt_store else optimizer.init_state({k: adapters[k] for k in trainable})
         weights = torch.as_tensor(data.num_examples[run_ids], dtype=torch.float64)
+        hooks = strategy.hooks(server, state, run_ids)
         losses = local_train(r.model, adapters=adapters, opt_state=opt_state, trainable=trainable,
                              x=data.train_x, y=data.train_y, client_ids=run_ids,
                              client_indices=[data.client_train[c] for c in run_ids], seed=cfg.seed,
-                             round_index=round_index, cfg=cfg.train, hooks=strategy.hooks(server, state, run_ids),
-                             dropout=cfg.lora.lora_dropout > 0)
+                             round_index=round_index, cfg=cfg.train, hooks=hooks, dropout=cfg.lora.lora_dropout > 0,
+                             scaling=_scaling(r, run_ids), ranks=r.ranks.of(run_ids))
         real = slice(0, len(ids))
-        trained = {k: v[real] for k, v in adapters.items()}
+        trained = {k: v[real] for k, v in {**adapters, **hooks.results()}.items()}
         store.put(ids, strategy.update_clients(server, trained, {k: v[real] for k, v in state.items()}, ids))
         if opt_store:
             opt_store.put(ids, {k: v[real] for k, v in opt_state.items()})
@@ -137,9 +142,10 @@ def _personalized(r: _Run, server, store: ClientStore) -> np.ndarray:
     mine = r.world.clients[np.isin(r.world.clients, r.data.seen)]
     accs = []
     for ids in split_passes(mine, r.per_pass):
-        adapters = r.strategy.personalized(server, store.get(ids), ids)
+        adapters = mask_to_ranks(r.strategy.personalized(server, store.get(ids), ids), r.ranks.of(ids))
         accs.append(client_accuracy(r.model, adapters, x=r.data.test_x, y=r.data.test_y,
-                                    indices=[r.data.client_test[c] for c in ids], batch=r.cfg.train.eval_batch_size))
+                                    indices=[r.data.client_test[c] for c in ids], batch=r.cfg.train.eval_batch_size,
+                                    scaling=_scaling(r, ids)))
     local = np.concatenate(accs) if accs else np.zeros(0)
     return np.concatenate(r.world.comm.allgather(local))
 
@@ -157,19 +163,21 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
     for ids in split_passes(mine, r.per_pass):
         run_ids = ids if len(ids) > 1 else np.repeat(ids, 2)
         kept = {k: v.expand(len(run_ids), *v.shape[1:]) for k, v in fresh.items()}
-        adapters = r.strategy.broadcast(server, kept, run_ids)
+        adapters = _start(r, server, kept, run_ids)
         hooks = r.strategy.hooks(server, kept, run_ids)
         test = [data.client_test[c] for c in run_ids]
+        scaling = _scaling(r, run_ids)
         zero.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
-                                    batch=cfg.train.eval_batch_size)[:len(ids)])
+                                    batch=cfg.train.eval_batch_size, scaling=scaling)[:len(ids)])
         if cfg.eval.unseen_finetune_epochs > 0:
-            trainable = list(adapters)
+            trainable = [k for k in adapters if k in r.model.shapes]  # not a shared base delta
             opt_state = StackedOptimizer(cfg.train.optimizer).init_state({k: adapters[k] for k in trainable})
             local_train(r.model, adapters=adapters, opt_state=opt_state, trainable=trainable, x=data.train_x,
                         y=data.train_y, client_ids=run_ids, client_indices=[data.client_train[c] for c in run_ids],
-                        seed=cfg.seed, round_index=cfg.rounds + 1, cfg=tune_cfg, hooks=hooks)
+                        seed=cfg.seed, round_index=cfg.rounds + 1, cfg=tune_cfg, hooks=hooks, scaling=scaling,
+                        ranks=r.ranks.of(run_ids))
             tuned.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
-                                         batch=cfg.train.eval_batch_size)[:len(ids)])
+                                         batch=cfg.train.eval_batch_size, scaling=scaling)[:len(ids)])
     gather = lambda parts: np.concatenate(r.world.comm.allgather(np.concatenate(parts) if parts else np.zeros(0)))
     zero_all = gather(zero)
     tuned_all = gather(tuned) if cfg.eval.unseen_finetune_epochs > 0 else np.array([math.nan])
@@ -181,14 +189,33 @@ def _initial_client_state(r: _Run) -> dict[str, torch.Tensor]:
     return {**{k: v for k, v in r.init.items() if k in r.strategy.kept()}, **r.strategy.client_state(r.init)}
 
 
-def _bytes_per_client(r: _Run, keys: list[str]) -> int:
-    return sum(int(np.prod(r.model.shapes[k])) for k in keys) * 4  # float32 on the wire
+def _start(r: _Run, server, state, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """The strategy's starting adapters for these clients, cut to each client's rank."""
+    return mask_to_ranks(r.strategy.broadcast(server, state, ids), r.ranks.of(ids))
+
+
+def _scaling(r: _Run, ids: np.ndarray) -> torch.Tensor:
+    return r.ranks.scaling(ids).to(r.world.device)
+
+
+def _round_bytes(r: _Run, participants: np.ndarray) -> tuple[int, int]:
+    """Bytes up and down this round, each client's tensors counted at its true rank (float32 on the wire)."""
+    strategy, shapes = r.strategy, r.model.shapes
+    ranks = r.ranks.ranks[participants]
+
+    def size(keys: list[str], rank: int) -> int:
+        return sum(numel_at_rank(k, strategy.shape_of(k, shapes), rank) for k in keys) * 4
+
+    up_keys, down_keys = strategy.sent_up() + strategy.gathered_up(), strategy.sent_down()
+    up = sum(size(up_keys, int(rk)) for rk in ranks)
+    down = sum(size(down_keys, strategy.down_rank(int(rk), ranks)) for rk in ranks)
+    return up, down
 
 
 def _fresh_state(r: _Run) -> tuple[dict, ClientStore, ClientStore | None]:
     """Server state, client store and optimizer store (if kept) before round 1."""
     clients, strategy = r.world.clients, r.strategy
-    server = strategy.init_server(r.init)
+    server = strategy.init_server(r.init, frozen=r.model.frozen_weights())
     kept = {k: v.expand(len(clients), *v.shape[1:]).clone() for k, v in _initial_client_state(r).items()}
     opt_store = None
     if r.cfg.strategy.keep_optimizer_state:
@@ -239,8 +266,6 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
         f"{r.per_pass} clients/pass, device {world.device}; {strategy.summary()}")
     if resume is not None:
         say(f"fedhpc: resumed from {resume} (round {first - 1} of {cfg.rounds})")
-    up = _bytes_per_client(r, strategy.sent_up() + strategy.gathered_up())
-    down = _bytes_per_client(r, strategy.sent_down())
     metrics = history[-1] if history else {}
     for round_index in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -256,8 +281,9 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
             raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
         # --- AGGREGATE (replicated) ---
         server = strategy.aggregate(server, reduced, round_index=round_index)
-        totals["bytes_up"] += up * len(participants)
-        totals["bytes_down"] += down * len(participants)
+        up, down = _round_bytes(r, participants)
+        totals["bytes_up"] += up
+        totals["bytes_down"] += down
         totals["mpi_bytes"] += int(loss_total[2])
         # --- EVALUATE + LOG ---
         metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
