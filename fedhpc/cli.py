@@ -9,6 +9,7 @@ This is the only module that touches MPI.COMM_WORLD.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -31,9 +32,12 @@ def _run(args) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        cfg = load_config(args.config, args.overrides)
         check_launch(comm)
-    except (ConfigError, RuntimeError) as err:
+    except RuntimeError as err:  # N one-rank copies: only Slurm's first task says so
+        return _fail(str(err), code=2) if os.environ.get("SLURM_PROCID", "0") == "0" else 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
         return _fail(str(err), code=2, comm=comm)
     try:
         run(cfg, comm=comm, progress=not args.quiet)
