@@ -26,15 +26,16 @@ def _fail(message: str, *, code: int, comm=None) -> int:
 def _run(args) -> int:
     from mpi4py import MPI
 
-    from .config import ConfigError, load_config
-    from .experiment import run
     from .runtime.world import check_launch
 
     comm = MPI.COMM_WORLD
     try:
-        check_launch(comm)
+        check_launch(comm)  # before torch loads: a broken launch fails in a second
     except RuntimeError as err:  # N one-rank copies: only Slurm's first task says so
         return _fail(str(err), code=2) if os.environ.get("SLURM_PROCID", "0") == "0" else 2
+    from .config import ConfigError, load_config
+    from .experiment import run
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

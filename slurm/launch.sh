@@ -1,13 +1,15 @@
 # Sourced by the sbatch templates in this folder (not run on its own): start fedhpc on every
-# task with srun, and turn Slurm's time-limit warning into checkpoint + requeue.
+# task with srun, and requeue the job when fedhpc stopped early with a checkpoint.
 #
-# Who gets the signal: the templates ask for `--signal=B:USR1@<s>`, so Slurm signals only this
-# batch shell. It is the one process that can requeue the job, and the only one that knows the
-# ranks stopped because of the warning rather than by failing; it hands the signal to srun,
-# which relays it to every rank on every node. fedhpc's ranks agree at the end of the round,
-# write a checkpoint and exit non-zero; this shell then requeues, and the next start resumes
-# (`--resume auto`). Preemption, `scontrol requeue` and `scancel` send SIGTERM to all the
-# job's processes instead, and Slurm requeues (or not) by itself.
+# Who gets the signal: the fedhpc ranks, since they hold the state and write the checkpoint.
+# The templates ask for `--signal=USR1@<s>` without `B:`, so slurmstepd signals every task of
+# the running step on every node directly (and not this shell); with `B:` only this shell
+# would get it and would have to relay it through srun. The ranks agree at the end of the
+# round, write a checkpoint and exit 75 ("preempted, resume me"); on that status this shell
+# requeues the job, and the next start continues from the checkpoint (`--resume auto`). Any
+# other failure ends the job, so a broken run is not requeued forever. Preemption, `scontrol
+# requeue` and `scancel` send SIGTERM to every process of the job instead: fedhpc checkpoints
+# the same way, and Slurm requeues (or cancels) the job itself.
 
 if (($#)); then CONFIG=$1; OVERRIDES=("${@:2}"); fi
 if [[ -z ${PYTHON:-} ]]; then
@@ -20,9 +22,6 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 echo "fedhpc: job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST}:" \
      "${SLURM_NTASKS} tasks, $CONFIG ${OVERRIDES[*]}"
-signaled=
-trap 'signaled=1; echo "fedhpc: time-limit warning: checkpointing"; [[ -z ${step:-} ]] || kill -USR1 "$step"' USR1
-
 # MPICH names its node shared-memory segment after a hash of the step's PMI id ("job.step"),
 # so the same step of a requeued job reuses the name; a segment left by ranks that were killed
 # before MPI_Finalize then breaks MPI_Init of the restart. Step 0 removes it on every node,
@@ -39,15 +38,11 @@ world=$(fnv1a "${SLURM_JOB_ID}.1")
 srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
      sh -c "rm -f /dev/shm/mpich_shm_${world}_* /dev/shm/mpich_vci_${world}_*"
 
-# --kill-on-bad-exit: a rank that dies ends the step instead of leaving the others waiting.
-srun --mpi="${MPI_PLUGIN:-pmi2}" --kill-on-bad-exit=1 "$PYTHON" -m fedhpc run "$CONFIG" "${OVERRIDES[@]}" \
-     ${RESUME:+--resume "$RESUME"} &
-step=$!
-wait "$step"
+# --wait: if a rank dies, the others are ended a minute later instead of waiting in MPI forever.
+srun --mpi="${MPI_PLUGIN:-pmi2}" --wait=60 "$PYTHON" -m fedhpc run "$CONFIG" "${OVERRIDES[@]}" \
+     ${RESUME:+--resume "$RESUME"}
 status=$?
-# An interrupted `wait` returns 128+signal while srun still runs: wait for its real status.
-if [[ -n $signaled ]]; then wait "$step"; status=$?; fi
-if [[ -n $signaled && $status != 0 ]]; then
+if [[ $status == 75 ]]; then
     echo "fedhpc: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint"
     scontrol requeue "${SLURM_JOB_ID}"
 fi

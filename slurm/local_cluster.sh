@@ -31,8 +31,14 @@ install_packages() {
     [[ $(id -u) == 0 ]] || die "slurm-wlm and munge are not installed; as root run: apt-get install slurm-wlm munge"
     command -v apt-get >/dev/null || die "slurm-wlm and munge are missing and this is not a Debian-like system"
     say "installing slurm-wlm and munge"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    local log
+    log=$(mktemp)
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+               slurm-wlm munge; } >"$log" 2>&1; then
+        cat "$log" >&2
+        die "apt-get install slurm-wlm munge failed"
+    fi
+    rm -f "$log"
 }
 
 start_munge() {

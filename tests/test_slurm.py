@@ -131,26 +131,27 @@ def test_sbatch_template_matches_mpiexec(slurm, reference, tmp_path):
 
 STAND_IN = """#!/bin/bash
 # Stands in for `python -m fedhpc run ...` on each rank, keeping fedhpc's side of the contract:
-# on SIGUSR1 write a checkpoint and exit non-zero; a restart finishes.
+# on SIGUSR1 write a checkpoint and exit 75; a restart finishes.
 if ((${SLURM_RESTART_COUNT:-0} > 0)); then echo "rank $SLURM_PROCID resumed: $*"; exit 0; fi
 [[ CRASH == 0 ]] || { echo "rank $SLURM_PROCID crashed"; exit 1; }
-trap 'echo "rank $SLURM_PROCID checkpointed"; kill $!; exit 3' USR1
+trap 'echo "rank $SLURM_PROCID checkpointed"; kill $!; exit 75' USR1
 echo "rank $SLURM_PROCID running"
 sleep 120 & wait
 """
 
 
-@pytest.mark.parametrize("crash", [0, 1], ids=["time-limit warning", "crash"])
-def test_batch_shell_requeues_after_the_warning_only(slurm, tmp_path, crash):
-    """The template's own logic, with a stand-in for fedhpc: the warning reaches every rank
-    through srun and the job requeues and resumes; a rank that fails on its own is not requeued."""
+@pytest.mark.parametrize("crash", [0, 1], ids=["warning", "crash"])
+def test_job_script_requeues_only_a_preempted_run(slurm, tmp_path, crash):
+    """The template's own logic, with a stand-in for fedhpc: the warning reaches every rank, and
+    the job requeues and resumes; a run that fails on its own is not requeued."""
     stand_in, log = tmp_path / "fedhpc_rank", tmp_path / "job.log"
     stand_in.write_text(STAND_IN.replace("CRASH", str(crash)))
     stand_in.chmod(0o755)
     job = _sbatch({**slurm, "PYTHON": str(stand_in), "RESUME": "auto"}, log, "slurm/cpu.sbatch", "configs/quickstart.yaml")
     if not crash:
         _wait_for(lambda: log.exists() and log.read_text().count(" running") == 2, "both ranks")
-        assert _slurm(slurm, "scancel", "--signal=USR1", "--batch", job).returncode == 0
+        # what --signal=USR1@<s> does before the time limit: signal the job's steps, not the shell
+        assert _slurm(slurm, "scancel", "--signal=USR1", job).returncode == 0
     info = _run_to_end(slurm, job)
     text = log.read_text()
     if crash:
@@ -201,11 +202,12 @@ def test_interrupted_job_resumes_to_the_uninterrupted_summary(slurm, reference, 
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "round 1")
     if interrupt == "scontrol requeue":  # what preemption does: SIGTERM to every process, then requeue
         assert _slurm(slurm, "scontrol", "requeue", job).returncode == 0
-    else:  # what --signal=B:USR1@<s> does before the time limit; slurm/launch.sh requeues
-        assert _slurm(slurm, "scancel", "--signal=USR1", "--batch", job).returncode == 0
+    else:  # what --signal=USR1@<s> does before the time limit; slurm/launch.sh requeues
+        assert _slurm(slurm, "scancel", "--signal=USR1", job).returncode == 0
     info = _run_to_end(slurm, job)
     text = log.read_text()
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-3000:]
-    first, second = text.split(f"job {job} start 2")  # the first start ended before finishing
-    assert "fedhpc: done" not in first and "fedhpc: done" in second, text[-3000:]
+    first, second = text.split(f"job {job} start 2")
+    assert "fedhpc: preempted after round" in first and "fedhpc: done" not in first, text[-3000:]
+    assert "fedhpc: resumed from" in second and "fedhpc: done" in second, text[-3000:]
     _close(_summary(tmp_path), reference)

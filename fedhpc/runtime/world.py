@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads in make_world, so check_launch runs before the slow import
+    import torch
 
 __all__ = ["World", "make_world", "block_range", "check_launch", "local_rank", "srun_tasks"]
 
@@ -76,6 +79,8 @@ def local_rank(comm) -> tuple[int, int]:
 
 
 def _device(local_index: int) -> torch.device:
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         index = local_index % torch.cuda.device_count()
         torch.cuda.set_device(index)
@@ -85,6 +90,8 @@ def _device(local_index: int) -> torch.device:
 
 def make_world(comm, *, num_clients: int, device: str = "auto") -> World:
     """Place clients on ranks, pick this rank's device, and share the node's cores among its ranks."""
+    import torch
+
     rank, size = comm.Get_rank(), comm.Get_size()
     if size > num_clients:
         raise ValueError(f"{size} MPI ranks but only {num_clients} clients: use at most {num_clients} ranks")
