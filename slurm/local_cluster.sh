@@ -21,8 +21,8 @@ export SLURM_CONF=$CONF
 say() { echo "local_cluster: $*"; }
 die() { echo "local_cluster: error: $*" >&2; exit 1; }
 
-alive() {  # alive PIDFILE: the daemon recorded there is running
-    [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE: the daemon recorded there is running (also as a user who cannot signal it)
+    [[ -s $1 && -d /proc/$(cat "$1") ]]
 }
 
 install_packages() {
@@ -114,7 +114,7 @@ up() {
         for _ in $(seq 50); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
         alive "$DIR/slurmd.pid" || slurmd
     fi
-    if [[ ! -e $SYSTEM_CONF ]]; then
+    if [[ ! -e $SYSTEM_CONF && $(id -u) == 0 ]]; then
         mkdir -p "$(dirname "$SYSTEM_CONF")" && ln -s "$CONF" "$SYSTEM_CONF"
     fi
     wait_idle

@@ -33,18 +33,37 @@ def _cli_has_resume() -> bool:
 HAS_RESUME = _cli_has_resume()
 
 
+def _sbatch_options(template: Path) -> dict:
+    """`#SBATCH --key=value` lines of a job script (commented-out `##SBATCH` lines are not options)."""
+    options = {}
+    for line in template.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line.split()[1].partition("=")
+            options[key] = value
+    return options
+
+
+@pytest.mark.parametrize("name", ["cpu.sbatch", "gpu.sbatch"])
+def test_templates_keep_the_launch_invariants(name):
+    """Needs no cluster: what the templates must keep whatever a user edits."""
+    options = _sbatch_options(REPO / "slurm" / name)
+    assert "--requeue" in options and options["--open-mode"] == "append"
+    assert re.fullmatch(r"USR1@\d+", options["--signal"])  # to the ranks, not B: (see slurm/launch.sh)
+    if "--gpus-per-node" in options:  # one rank per GPU
+        assert options["--ntasks-per-node"] == options["--gpus-per-node"]
+    assert subprocess.run(["bash", "-n", REPO / "slurm" / name]).returncode == 0
+
+
 @pytest.fixture(scope="module")
 def slurm():
     """Environment for Slurm commands; brings the local cluster up (and down again if it was down)."""
+    cannot = pytest.fail if os.environ.get("CI") else pytest.skip  # CI here is root: there they must run
     was_up = subprocess.run(["bash", CLUSTER, "status"], capture_output=True).returncode == 0
     if not was_up and os.geteuid() != 0:
-        pytest.skip("no local Slurm cluster and not root: run `sudo slurm/local_cluster.sh up` first")
+        cannot("no local Slurm cluster and not root: run `sudo slurm/local_cluster.sh up` first")
     up = subprocess.run(["bash", CLUSTER, "up"], capture_output=True, text=True, timeout=900)
     if up.returncode != 0:
-        reason = f"local Slurm cluster did not start: {(up.stderr or up.stdout).strip().splitlines()[-1:]}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        cannot("local Slurm cluster did not start: " + ((up.stderr or up.stdout).strip().splitlines() or ["?"])[-1])
     conf = re.search(r"SLURM_CONF=(\S+)", up.stdout).group(1)
     bin_dir = str(Path(sys.executable).parent)
     yield {**os.environ, "SLURM_CONF": conf, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
@@ -136,7 +155,7 @@ if ((${SLURM_RESTART_COUNT:-0} > 0)); then echo "rank $SLURM_PROCID resumed: $*"
 [[ CRASH == 0 ]] || { echo "rank $SLURM_PROCID crashed"; exit 1; }
 trap 'echo "rank $SLURM_PROCID checkpointed"; kill $!; exit 75' USR1
 echo "rank $SLURM_PROCID running"
-sleep 120 & wait
+(trap '' USR1; exec sleep 120) & wait  # Slurm signals every process of the step: only this one acts
 """
 
 
