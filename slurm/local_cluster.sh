@@ -106,9 +106,10 @@ wait_idle() {
 
 up() {
     install_packages
-    mkdir -p "$DIR"
-    start_munge
     if ! alive "$DIR/slurmctld.pid" || ! alive "$DIR/slurmd.pid"; then
+        [[ $(id -u) == 0 ]] || die "the cluster is not running, and starting it needs root"
+        mkdir -p "$DIR"
+        start_munge
         alive "$DIR/slurmctld.pid" || write_config
         alive "$DIR/slurmctld.pid" || slurmctld
         for _ in $(seq 50); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
