@@ -166,7 +166,8 @@ def test_job_script_requeues_only_a_preempted_run(slurm, tmp_path, crash):
     stand_in, log = tmp_path / "fedhpc_rank", tmp_path / "job.log"
     stand_in.write_text(STAND_IN.replace("CRASH", str(crash)))
     stand_in.chmod(0o755)
-    job = _sbatch({**slurm, "PYTHON": str(stand_in), "RESUME": "auto"}, log, "slurm/cpu.sbatch", "configs/quickstart.yaml")
+    env = {**slurm, "PYTHON": str(stand_in), "RESUME": "auto"}
+    job = _sbatch(env, log, "slurm/cpu.sbatch", "configs/quickstart.yaml")
     if not crash:
         _wait_for(lambda: log.exists() and log.read_text().count(" running") == 2, "both ranks")
         # what --signal=USR1@<s> does before the time limit: signal the job's steps, not the shell
