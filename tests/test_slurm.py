@@ -24,15 +24,6 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE"}
 
 
-def _cli_has_resume() -> bool:
-    help_text = subprocess.run([sys.executable, "-m", "fedhpc", "run", "--help"], capture_output=True,
-                               text=True, cwd=REPO).stdout
-    return "--resume" in help_text
-
-
-HAS_RESUME = _cli_has_resume()
-
-
 def _sbatch_options(template: Path) -> dict:
     """`#SBATCH --key=value` lines of a job script (commented-out `##SBATCH` lines are not options)."""
     options = {}
@@ -67,7 +58,7 @@ def slurm():
     conf = re.search(r"SLURM_CONF=(\S+)", up.stdout).group(1)
     bin_dir = str(Path(sys.executable).parent)
     yield {**os.environ, "SLURM_CONF": conf, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHON": sys.executable, "RESUME": "auto" if HAS_RESUME else ""}
+           "PYTHON": sys.executable, "RESUME": "auto"}
     if not was_up:
         subprocess.run(["bash", CLUSTER, "down"], capture_output=True)
 
@@ -214,8 +205,6 @@ def test_mpiexec_inside_a_job_gets_distinct_local_ranks(slurm, tmp_path):
     assert log.read_text().strip() == "[(0, 0, 2), (1, 1, 2)]"  # (rank, local index, ranks on the node)
 
 
-@pytest.mark.skipif(not HAS_RESUME, reason="needs `fedhpc run --resume auto` (checkpoint/resume, issue 4); "
-                                           "runs once that branch is merged")
 @pytest.mark.parametrize("interrupt", ["scontrol requeue", "time-limit warning"])
 def test_interrupted_job_resumes_to_the_uninterrupted_summary(slurm, reference, tmp_path, interrupt):
     log, metrics = tmp_path / "job.log", tmp_path / "quickstart" / "metrics.jsonl"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..configtree import Selectable
+from ..models.ranks import ClientRanks
 from ..train.local import LocalHooks
 
 __all__ = ["StrategyConfig", "Strategy", "Contribution", "Reduced", "register_strategy", "build_strategy",
@@ -96,11 +97,22 @@ class Strategy:
     Config = StrategyConfig
     kept_keys: tuple[str, ...] = ()
 
-    def __init__(self, cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray):
+    def __init__(self, cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray, ranks: ClientRanks | None = None):
         self.cfg = cfg
         self.keys = list(keys)
         self.groups = groups
         """True latent group per client (used by oracle baselines only)."""
+        self.ranks = ranks
+        """Rank and LoRA scaling per client (None: not given, rank-agnostic methods need none)."""
+
+    def shape_of(self, key: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        """Per-client shape of a key this strategy sends or keeps (`shapes`: the adapters')."""
+        return shapes[key]
+
+    def down_rank(self, own: int, participants: np.ndarray) -> int:
+        """Rank at which a client of rank `own` receives the LoRA factors, given all participants'
+        ranks (stacking methods send more than the client's own rank)."""
+        return own
 
     # --- what clients keep between rounds -------------------------------------------------
     def kept(self) -> list[str]:
@@ -120,8 +132,10 @@ class Strategy:
         return {k: trained[k] for k in self.kept()}
 
     # --- DOWN ------------------------------------------------------------------------------
-    def init_server(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Server state from the shared initial adapters `[1, ...]`."""
+    def init_server(self, init: dict[str, torch.Tensor], *,
+                    frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Server state from the shared initial adapters `[1, ...]` (and, for methods that need
+        them, the frozen weights W0 `[d_out, d_in]` of the adapted modules by name)."""
         return {k: v.clone() for k, v in init.items() if k in self.shared()}
 
     def shared(self) -> list[str]:
@@ -215,7 +229,8 @@ def list_strategies() -> list[str]:
     return sorted(STRATEGIES)
 
 
-def build_strategy(cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray) -> Strategy:
+def build_strategy(cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray,
+                   ranks: ClientRanks | None = None) -> Strategy:
     if cfg.name not in STRATEGIES:
         raise ValueError(f"unknown strategy '{cfg.name}' (known: {', '.join(list_strategies())})")
-    return STRATEGIES[cfg.name](cfg, keys=keys, groups=groups)
+    return STRATEGIES[cfg.name](cfg, keys=keys, groups=groups, ranks=ranks)
