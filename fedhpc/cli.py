@@ -17,6 +17,7 @@ This is the only module that touches MPI.COMM_WORLD.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -74,17 +75,21 @@ def _resolve(args, comm):
 def _run(args) -> int:
     from mpi4py import MPI
 
-    from .config import ConfigError
-    from .experiment import run
-    from .io.checkpoint import CheckpointError
-    from .runtime.preempt import PREEMPTED_EXIT_CODE, Preempted
     from .runtime.world import check_launch
 
     comm = MPI.COMM_WORLD
     try:
-        check_launch(comm)
+        check_launch(comm)  # before torch loads: a broken launch fails in a second
+    except RuntimeError as err:  # N one-rank copies: only Slurm's first task says so
+        return _fail(str(err), code=2) if os.environ.get("SLURM_PROCID", "0") == "0" else 2
+    from .config import ConfigError
+    from .experiment import run
+    from .io.checkpoint import CheckpointError
+    from .runtime.preempt import PREEMPTED_EXIT_CODE, Preempted
+
+    try:
         cfg, resume = _resolve(args, comm)
-    except (ConfigError, CheckpointError, RuntimeError) as err:
+    except (ConfigError, CheckpointError) as err:
         return _fail(str(err), code=2, comm=comm)
     try:
         run(cfg, comm=comm, progress=not args.quiet, resume=resume)

@@ -1,8 +1,8 @@
 """Preemption: SIGTERM or SIGUSR1 stop the run after the current round, with a checkpoint.
 
-Slurm signals a job before killing it (`--signal=B:SIGTERM@120`, or SIGTERM at preemption and
-time-out), to every task or only to some. The handler only sets a flag; at the end of each
-round the ranks agree on it with one 4-byte `Allreduce(MAX)` (so one signalled rank is
+Slurm signals a job before killing it (`--signal=USR1@<seconds>` in slurm/*.sbatch reaches
+every rank; SIGTERM at preemption and time-out), to every task or only to some. The handler
+only sets a flag; at the end of each round the ranks agree on it with one 4-byte `Allreduce(MAX)` (so one signalled rank is
 enough), every rank writes that round's checkpoint synchronously, rank 0 prints
 
     fedhpc: preempted after round N; checkpoint <path>; resume with --resume auto
