@@ -58,7 +58,7 @@ start_munge() {
 
 write_config() {
     local cpus mem
-    cpus=$(nproc)
+    cpus=$(nproc --all)  # plain nproc obeys OMP_NUM_THREADS, which a caller may have set to 1
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
     cat >"$CONF" <<EOF
@@ -119,7 +119,7 @@ up() {
         mkdir -p "$(dirname "$SYSTEM_CONF")" && ln -s "$CONF" "$SYSTEM_CONF"
     fi
     wait_idle
-    say "up: node $NODE idle, $(nproc) CPUs, partition debug; SLURM_CONF=$CONF"
+    say "up: node $NODE idle, $(nproc --all) CPUs, partition debug; SLURM_CONF=$CONF"
 }
 
 status() {
