@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,8 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     modality = "text" if cfg.model.family == "hf" else "image"
     data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed, modality=modality,
                                 seq_len=cfg.model.seq_len)
-    model = build_cohort_model(cfg.model, cfg.lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device)
+    model = build_cohort_model(cfg.model, _adapter_lora(cfg), num_classes=data.num_classes, seed=cfg.seed,
+                               device=world.device)
     if cfg.data.name == "planted" and cfg.data.planted.teacher == "backbone":
         data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
     strategy = build_strategy(cfg.strategy, keys=list(model.shapes), groups=data.groups)
@@ -96,14 +97,21 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     return _Run(cfg, world, data, model, strategy, init, per_pass)
 
 
+def _adapter_lora(cfg: ExperimentConfig):
+    """The LoRA config the model is built with: the strategy's adapter rank (HiLoRA stacks three
+    rank-r tiers into 3r), alpha scaled along so that each rank-r part keeps scaling alpha / r."""
+    rank = cfg.strategy.adapter_rank(cfg.lora.r)
+    if rank == cfg.lora.r:
+        return cfg.lora
+    return replace(cfg.lora, r=rank, lora_alpha=cfg.lora.lora_alpha * rank / cfg.lora.r)
+
+
 def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | None, participants: np.ndarray,
-                 round_index: int):
+                 round_index: int, exchange):
     """Local training of this rank's participants, pass by pass; returns the reduction and losses."""
     cfg, data, strategy = r.cfg, r.data, r.strategy
     mine = participants[np.isin(participants, r.world.clients)]
-    up_shapes = {k: r.model.shapes[k] for k in strategy.sent_up()}
-    gather_shapes = {k: r.model.shapes[k] for k in strategy.gathered_up()}
-    reduction = GroupReduction(up_shapes, strategy.num_groups(), gather_shapes)
+    reduction = GroupReduction(exchange.means, exchange.num_groups, exchange.gathered)
     loss_stats = torch.zeros(2, dtype=torch.float64)
     optimizer = StackedOptimizer(cfg.train.optimizer)
     trainable = strategy.trainable()
@@ -120,10 +128,11 @@ def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | N
                              dropout=cfg.lora.lora_dropout > 0)
         real = slice(0, len(ids))
         trained = {k: v[real] for k, v in adapters.items()}
-        store.put(ids, strategy.update_clients(server, trained, {k: v[real] for k, v in state.items()}, ids))
+        new_state = strategy.update_clients(server, trained, {k: v[real] for k, v in state.items()}, ids)
+        store.put(ids, new_state)
         if opt_store:
             opt_store.put(ids, {k: v[real] for k, v in opt_state.items()})
-        reduction.add(strategy.contribute(trained, ids, weights[real]))
+        reduction.add(strategy.contribute(trained, ids, weights[real], server=server, state=new_state))
         loss_stats += torch.stack([(losses[real].cpu() * weights[real]).sum(), weights[real].sum()])
     return reduction, loss_stats
 
@@ -153,8 +162,16 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
     for ids in split_passes(mine, r.per_pass):
         run_ids = ids if len(ids) > 1 else np.repeat(ids, 2)
         kept = {k: v.expand(len(run_ids), *v.shape[1:]) for k, v in fresh.items()}
-        adapters = r.strategy.broadcast(server, kept, run_ids)
-        hooks = r.strategy.hooks(server, kept, run_ids)
+        train_ix = [data.client_train[c] for c in run_ids]
+        probe, probed = r.strategy.unseen_probe(server, kept, run_ids), None
+        if probe is not None:
+            probed = probe.adapters
+            probe_cfg = replace(cfg.train, local_steps=probe.steps)
+            local_train(r.model, adapters=probed, opt_state=StackedOptimizer(cfg.train.optimizer).init_state(probed),
+                        trainable=list(probed), x=data.train_x, y=data.train_y, client_ids=run_ids,
+                        client_indices=train_ix, seed=cfg.seed, round_index=cfg.rounds + 2, cfg=probe_cfg,
+                        hooks=probe.hooks)
+        adapters, hooks = r.strategy.unseen_start(server, kept, run_ids, probed)
         test = [data.client_test[c] for c in run_ids]
         zero.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
                                     batch=cfg.train.eval_batch_size)[:len(ids)])
@@ -162,7 +179,7 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
             trainable = list(adapters)
             opt_state = StackedOptimizer(cfg.train.optimizer).init_state({k: adapters[k] for k in trainable})
             local_train(r.model, adapters=adapters, opt_state=opt_state, trainable=trainable, x=data.train_x,
-                        y=data.train_y, client_ids=run_ids, client_indices=[data.client_train[c] for c in run_ids],
+                        y=data.train_y, client_ids=run_ids, client_indices=train_ix,
                         seed=cfg.seed, round_index=cfg.rounds + 1, cfg=tune_cfg, hooks=hooks)
             tuned.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
                                          batch=cfg.train.eval_batch_size)[:len(ids)])
@@ -175,10 +192,6 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
 def _initial_client_state(r: _Run) -> dict[str, torch.Tensor]:
     """What a client holds before its first round `[1, ...]`: kept adapters at init, plus strategy extras."""
     return {**{k: v for k, v in r.init.items() if k in r.strategy.kept()}, **r.strategy.client_state(r.init)}
-
-
-def _bytes_per_client(r: _Run, keys: list[str]) -> int:
-    return sum(int(np.prod(r.model.shapes[k])) for k in keys) * 4  # float32 on the wire
 
 
 def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
@@ -201,16 +214,16 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
     if cfg.strategy.keep_optimizer_state:
         trainable = {k: r.init[k].expand(len(world.clients), *r.init[k].shape[1:]) for k in strategy.trainable()}
         opt_store = ClientStore(world.clients, StackedOptimizer(cfg.train.optimizer).init_state(trainable))
-    up = _bytes_per_client(r, strategy.sent_up() + strategy.gathered_up())
-    down = _bytes_per_client(r, strategy.sent_down())
     totals = {"bytes_up": 0, "bytes_down": 0, "mpi_bytes": 0}
     metrics = {}
     for round_index in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         # --- SAMPLE (identical on every rank) ---
-        participants = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
+        sampled = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
+        participants = strategy.participants(server, sampled, data.seen)
+        exchange = strategy.exchange(server, r.model.shapes)
         # --- DOWN + LOCAL (this rank's participants, whole passes at once) ---
-        reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index)
+        reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index, exchange)
         # --- UP + REDUCE (the only collective on the training path) ---
         reduced, sent = reduction.finish(comm=comm)
         loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent)])]), comm=comm)
@@ -219,11 +232,12 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
             raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
         # --- AGGREGATE (replicated) ---
         server = strategy.aggregate(server, reduced, round_index=round_index)
-        totals["bytes_up"] += up * len(participants)
-        totals["bytes_down"] += down * len(participants)
+        totals["bytes_up"] += exchange.bytes_up * len(participants)
+        totals["bytes_down"] += exchange.bytes_down * len(participants)
         totals["mpi_bytes"] += int(loss_total[2])
         # --- EVALUATE + LOG ---
-        metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
+        metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals,
+                   **strategy.metrics(server)}
         if round_index % cfg.eval.every == 0 or round_index == cfg.rounds:
             metrics.update(_evaluate(r, server, store))
         elapsed = time.perf_counter() - t0
@@ -243,7 +257,7 @@ def run(cfg: ExperimentConfig, *, comm, progress: bool = True) -> dict:
         "personalized_p10": metrics.get("personalized_p10", math.nan),
         "unseen_accuracy": unseen_zero, "unseen_accuracy_finetuned": unseen_tuned,
         "final_train_loss": metrics.get("train_loss", math.nan),
-        **totals, "wall_seconds": time.perf_counter() - t_start,
+        **totals, **strategy.metrics(server), "wall_seconds": time.perf_counter() - t_start,
     }
     out.write_summary(summary)
     say(f"fedhpc: done in {summary['wall_seconds']:.1f}s; summary in {out.path / 'summary.json'}")
