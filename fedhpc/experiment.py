@@ -78,7 +78,7 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     modality = "text" if cfg.model.family == "hf" else "image"
     data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed, modality=modality,
                                 seq_len=cfg.model.seq_len)
-    model = build_cohort_model(cfg.model, _adapter_lora(cfg), num_classes=data.num_classes, seed=cfg.seed,
+    model = build_cohort_model(cfg.model, adapter_lora(cfg), num_classes=data.num_classes, seed=cfg.seed,
                                device=world.device)
     if cfg.data.name == "planted" and cfg.data.planted.teacher == "backbone":
         data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
@@ -97,7 +97,7 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     return _Run(cfg, world, data, model, strategy, init, per_pass)
 
 
-def _adapter_lora(cfg: ExperimentConfig):
+def adapter_lora(cfg: ExperimentConfig):
     """The LoRA config the model is built with: the strategy's adapter rank (HiLoRA stacks three
     rank-r tiers into 3r), alpha scaled along so that each rank-r part keeps scaling alpha / r."""
     rank = cfg.strategy.adapter_rank(cfg.lora.r)
