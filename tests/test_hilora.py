@@ -18,8 +18,8 @@ from fedhpc.config import ConfigError, load_config
 from fedhpc.configtree import build
 from fedhpc.runtime.reduce import GroupReduction
 from fedhpc.strategies import StrategyConfig, build_strategy
-from fedhpc.strategies.hilora import CLUSTER, LEAF, ROOT, TierHooks
-from fedhpc.strategies.subspace_clustering import cluster_clients, route, subspace_distance, bases
+from fedhpc.strategies.hilora import CLUSTER, LEAF, TierHooks
+from fedhpc.strategies.subspace_clustering import bases, cluster_clients, route, subspace_distance
 
 from conftest import REPO, TINY, mpiexec
 
@@ -115,7 +115,6 @@ def test_root_and_cluster_tiers_match_float64_truncated_svd(mode):
         ref = _rank_r_reference(trained[f"{m}.lora_B"][..., :R], trained[f"{m}.lora_A"][:, :R], w.numpy(), R)
         got = new[f"{m}.root_B"][0].double() @ new[f"{m}.root_A"][0].double()
         np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
-        # the leaf and cluster slots of what clients sent never reached the root
     ref_head = np.tensordot(w.numpy() / w.sum().item(), trained["head.weight"].double().numpy(), axes=1)
     np.testing.assert_allclose(new["head.weight"][0].numpy(), ref_head, rtol=1e-6)
     # cluster stage: put the clients in two clusters and reduce the cluster tier per cluster
