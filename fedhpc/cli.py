@@ -1,19 +1,28 @@
-"""`fedhpc run | bench`: the one entry point, unchanged under python, mpiexec and srun.
+"""`fedhpc run | report | export | inspect | bench`: one entry point, the same under python, mpiexec, srun.
 
     fedhpc run configs/quickstart.yaml strategy.name=ffa_lora train.local_epochs=2
     mpiexec -n 4 fedhpc run configs/quickstart.yaml
-    fedhpc bench kernels | throughput
+    mpiexec -n 2 fedhpc run configs/quickstart.yaml --resume auto    # continue if a checkpoint exists
+    fedhpc run --resume runs/quickstart                              # continue from the run's checkpoint
+    fedhpc report runs/a runs/b --out reports/ab
+    fedhpc export runs/quickstart --client 3 --out exports/client3   # or --global
+    fedhpc inspect runs/quickstart/checkpoints/round-000005.h5
+    fedhpc bench kernels | throughput | checkpoint
+
+Exit codes: 0 done, 1 crash, 2 bad input (one line naming what to fix), 75 preempted by
+SIGTERM / SIGUSR1 after writing a checkpoint (fedhpc.runtime.preempt).
 
 This is the only module that touches MPI.COMM_WORLD.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
 
-BENCHES = {"kernels": "bench/kernels.py", "throughput": "bench/throughput.py"}
+BENCHES = {"kernels": "bench/kernels.py", "throughput": "bench/throughput.py", "checkpoint": "bench/checkpoint.py"}
 
 
 def _fail(message: str, *, code: int, comm=None) -> int:
@@ -22,21 +31,72 @@ def _fail(message: str, *, code: int, comm=None) -> int:
     return code
 
 
+def _resolve(args, comm):
+    """(config, checkpoint to resume from or None) for `fedhpc run`."""
+    from pathlib import Path
+
+    from .config import ConfigError, ExperimentConfig, load_config, to_dict
+    from .configtree import apply_overrides, build
+    from .io.checkpoint import find_resumable, read_config, resume_config, saved_round
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():  # `run --resume DIR a.b=1`
+        config, overrides = None, [config, *overrides]
+    if args.resume is None or args.resume == "auto":
+        if config is None:
+            raise ConfigError("run: name a config file" + (" (--resume auto finds the run directory from it)"
+                                                           if args.resume else " or --resume RUN_DIR"))
+        cfg = load_config(config, overrides)
+        if args.resume is None:
+            return cfg, None
+        run_dir = Path(cfg.out_dir) / cfg.name
+    else:
+        run_dir = Path(args.resume)
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume: run directory '{run_dir}' does not exist")
+    say = (lambda line: print(line, flush=True)) if comm.Get_rank() == 0 else (lambda line: None)
+    path = find_resumable(run_dir, comm=comm, say=say)
+    if path is None:
+        if args.resume == "auto":
+            say(f"fedhpc: no usable checkpoint in {run_dir}; starting the run from round 1")
+            return cfg, None
+        raise ConfigError(f"--resume: no usable checkpoint in {run_dir / 'checkpoints'}")
+    stored = read_config(path)
+    if args.resume == "auto":
+        requested = to_dict(cfg)
+    else:
+        base = stored if config is None else to_dict(load_config(config, []))
+        requested = to_dict(build(ExperimentConfig, {**apply_overrides(base, overrides),
+                                                      "out_dir": str(run_dir.parent), "name": run_dir.name}))
+    cfg = build(ExperimentConfig, resume_config(stored, requested, saved_round=saved_round(path)))
+    return cfg, path
+
+
 def _run(args) -> int:
     from mpi4py import MPI
 
-    from .config import ConfigError, load_config
-    from .experiment import run
     from .runtime.world import check_launch
 
     comm = MPI.COMM_WORLD
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_launch(comm)
-    except (ConfigError, RuntimeError) as err:
+        check_launch(comm)  # before torch loads: a broken launch fails in a second
+    except RuntimeError as err:  # N one-rank copies: only Slurm's first task says so
+        return _fail(str(err), code=2) if os.environ.get("SLURM_PROCID", "0") == "0" else 2
+    from .config import ConfigError
+    from .experiment import run
+    from .io.checkpoint import CheckpointError
+    from .runtime.preempt import PREEMPTED_EXIT_CODE, Preempted
+
+    try:
+        cfg, resume = _resolve(args, comm)
+    except (ConfigError, CheckpointError) as err:
         return _fail(str(err), code=2, comm=comm)
     try:
-        run(cfg, comm=comm, progress=not args.quiet)
+        run(cfg, comm=comm, progress=not args.quiet, resume=resume)
+    except Preempted as stop:
+        if comm.Get_rank() == 0:
+            print(f"fedhpc: {stop}", flush=True)
+        return PREEMPTED_EXIT_CODE
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         # Raised identically on every rank (same config, same data): each exits cleanly.
         return _fail(str(err).splitlines()[0], code=2, comm=comm)
@@ -47,6 +107,40 @@ def _run(args) -> int:
             traceback.print_exc()
             comm.Abort(1)
         raise
+    return 0
+
+
+def _inspect(args) -> int:
+    from .io.checkpoint import CheckpointError, describe
+
+    try:
+        text, ok = describe(args.file)
+    except (CheckpointError, FileNotFoundError) as err:
+        return _fail(str(err).splitlines()[0], code=1)
+    print(text)
+    return 0 if ok else 1
+
+
+def _export(args) -> int:
+    from .io.export import export_adapter
+
+    try:
+        out = export_adapter(args.run_dir, client=None if args.global_model else args.client, out=args.out)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err).splitlines()[0], code=2)
+    what = "global model" if args.global_model else f"client {args.client}"
+    print(f"fedhpc: exported the {what} of {args.run_dir} to {out} (load with peft.PeftModel.from_pretrained)")
+    return 0
+
+
+def _report(args) -> int:
+    from .io.report import write_report
+
+    try:
+        written = write_report(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(str(err).splitlines()[0], code=2)
+    print(f"fedhpc: report of {len(args.runs)} run(s) in {written[3]}")
     return 0
 
 
@@ -66,10 +160,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedhpc", description="MPI simulator for federated LoRA fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a federated experiment from a YAML config")
-    p_run.add_argument("config", help="YAML config file (see configs/)")
+    p_run.add_argument("config", nargs="?", help="YAML config file (see configs/); optional with --resume RUN_DIR")
     p_run.add_argument("overrides", nargs="*", help="dotted overrides such as train.local_epochs=2")
     p_run.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_run.add_argument("--resume", metavar="auto|RUN_DIR",
+                       help="continue from the newest good checkpoint of RUN_DIR (its config), or with 'auto' "
+                            "of the config's run directory if it has one (else start)")
     p_run.set_defaults(func=_run)
+    p_report = sub.add_parser("report", help="plots and a Markdown table comparing run directories")
+    p_report.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
+    p_report.add_argument("--out", required=True, help="folder for the PNG plots and report.md")
+    p_report.set_defaults(func=_report)
+    p_export = sub.add_parser("export", help="a client's (or the global) adapters as a peft folder")
+    p_export.add_argument("run_dir", help="run directory with checkpoints (runs/<name>)")
+    which = p_export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--client", type=int, help="client id whose personalized model to export")
+    which.add_argument("--global", dest="global_model", action="store_true", help="export the global model")
+    p_export.add_argument("--out", required=True, help="folder to write (adapter_config.json + safetensors)")
+    p_export.set_defaults(func=_export)
+    p_inspect = sub.add_parser("inspect", help="contents and checksum status of a checkpoint file")
+    p_inspect.add_argument("file", help="checkpoint file (runs/<name>/checkpoints/round-*.h5)")
+    p_inspect.set_defaults(func=_inspect)
     p_bench = sub.add_parser("bench", help="run a benchmark from bench/")
     p_bench.add_argument("which", choices=sorted(BENCHES))
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")

@@ -16,6 +16,7 @@ import yaml
 from . import strategies  # noqa: F401  (registers the strategy configs)
 from .configtree import ConfigError, apply_overrides, build, to_dict
 from .data.config import DataConfig
+from .io.checkpoint import CheckpointConfig
 from .models.config import LoraConfig, ModelConfig
 from .strategies.base import StrategyConfig
 from .train.local import TrainConfig
@@ -72,6 +73,7 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=lambda: build(StrategyConfig, {}))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         if self.rounds < 1:

@@ -30,6 +30,8 @@ def test_default_strategy_is_typed():
     (["rounds=0"], ["rounds", ">= 1"]),
     (["strategy.aggregate_heads=false"], ["strategy.aggregate_heads", "strategy.aggregate_head"]),
     (["data.partition.kind=dirichlett"], ["dirichlett", "dirichlet"]),
+    (["checkpoint.keep=0"], ["checkpoint", "keep must be >= 1"]),
+    (["checkpoint.evry=2"], ["checkpoint.evry", "checkpoint.every"]),
 ])
 def test_bad_values_name_the_key_and_the_closest_valid_one(override, words):
     with pytest.raises(ConfigError) as err:

@@ -1,4 +1,5 @@
-"""The run directory: resolved config, one metrics line per round, a final summary.
+"""The run directory: resolved config, one metrics line per round, a final summary, and each
+client's latest personalized accuracy (`client_accuracy.json`, for distribution plots).
 
 Only the root rank writes. Each file is replaced atomically (written aside, then renamed), so a
 run killed mid-write never leaves a torn `summary.json` or `config.yaml`; `metrics.jsonl` is
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "json_line"]
 
 
 def _clean(value):
@@ -27,6 +28,11 @@ def _clean(value):
     return value
 
 
+def json_line(record: dict) -> str:
+    """One metrics.jsonl line (NaN as null)."""
+    return json.dumps(_clean(record)) + "\n"
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -37,12 +43,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class RunDir:
-    def __init__(self, root: str | Path, *, active: bool):
+    def __init__(self, root: str | Path, *, active: bool, history: list[dict] = ()):
+        """`history`: the rounds a resumed run already has; later lines of an interrupted run go."""
         self.path = Path(root)
         self.active = active
         if active:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "metrics.jsonl").write_text("")
+            _write_atomic(self.path / "metrics.jsonl", "".join(json_line(m) for m in history))
+            (self.path / "summary.json").unlink(missing_ok=True)  # written again when this run ends
 
     def write_config(self, config: dict) -> None:
         if self.active:
@@ -51,7 +59,14 @@ class RunDir:
     def log_round(self, metrics: dict) -> None:
         if self.active:
             with open(self.path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(_clean(metrics)) + "\n")
+                f.write(json_line(metrics))
+
+    def write_client_accuracy(self, round_index: int, clients, accuracy) -> None:
+        """Per-client personalized accuracy of the latest evaluated round (replaced each time)."""
+        if self.active:
+            record = {"round": round_index, "clients": [int(c) for c in clients],
+                      "personalized_accuracy": [float(a) for a in accuracy]}
+            _write_atomic(self.path / "client_accuracy.json", json.dumps(_clean(record)) + "\n")
 
     def write_summary(self, summary: dict) -> None:
         if self.active:

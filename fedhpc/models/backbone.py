@@ -107,9 +107,10 @@ def match_targets(model: nn.Module, target_modules: list[str], head_name: str) -
 
 
 def build_cohort_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, num_classes: int, seed: int,
-                       device: torch.device | str = "cpu") -> CohortModel:
+                       device: torch.device | str = "cpu", rank: int | None = None) -> CohortModel:
+    """The cohort model; `rank` (default `lora_cfg.r`) is the padded rank, the largest client rank."""
     backbone, head_name, call = build_backbone(model_cfg, num_classes=num_classes, seed=seed)
     targets = match_targets(backbone, lora_cfg.target_modules, head_name)
-    cohort = CohortModel(backbone, head_name=head_name, targets=targets, rank=lora_cfg.r,
+    cohort = CohortModel(backbone, head_name=head_name, targets=targets, rank=rank or lora_cfg.r,
                          lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout, call_backbone=call)
     return cohort.to(device)

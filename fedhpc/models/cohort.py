@@ -10,6 +10,10 @@ Adapters live outside the modules, in a dict `{key: tensor [C, ...]}` with peft'
 (`<module>.lora_A` `[C, r, d_in]`, `<module>.lora_B` `[C, d_out, r]`, `head.weight`
 `[C, classes, d]`, `head.bias` `[C, classes]`) that `CohortModel.forward` binds for one call.
 That keeps the modules stateless, so a rank trains any subset of its clients without copies.
+
+Methods that fold an update into the frozen weight (FLoRA, FedEx-LoRA, ILoRA's compensation)
+bind a dense delta `<module>.base_delta` `[1, d_out, d_in]` shared by every client of the call:
+the layer then computes `x (W0 + ΔW)ᵀ + ...`, exactly as if W0 had been replaced.
 """
 from __future__ import annotations
 
@@ -21,11 +25,16 @@ import torch.nn as nn
 
 from .dropout import keyed_dropout
 
-__all__ = ["CohortLoRALinear", "CohortHead", "CohortModel", "lora_keys"]
+__all__ = ["CohortLoRALinear", "CohortHead", "CohortModel", "lora_keys", "base_delta_key"]
 
 
 def lora_keys(module_name: str) -> tuple[str, str]:
     return f"{module_name}.lora_A", f"{module_name}.lora_B"
+
+
+def base_delta_key(module_name: str) -> str:
+    """Key of the dense update folded into a module's frozen weight, shared by all clients."""
+    return f"{module_name}.base_delta"
 
 
 class _Binding:
@@ -44,6 +53,7 @@ class CohortLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.key_a, self.key_b = lora_keys(name)
+        self.key_delta = base_delta_key(name)
         self.binding = binding
         self.dropout = dropout
         self.index = index  # distinguishes layers in the keyed dropout stream
@@ -51,7 +61,12 @@ class CohortLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         bound = self.binding
-        if bound.adapters is None or self.key_a not in bound.adapters:
+        if bound.adapters is None:
+            return out
+        shared = bound.adapters.get(self.key_delta)
+        if shared is not None:
+            out = out + torch.nn.functional.linear(x, shared.reshape(shared.shape[-2:]).to(x.dtype))
+        if self.key_a not in bound.adapters:
             return out
         a, b = bound.adapters[self.key_a], bound.adapters[self.key_b]
         h = x.reshape(a.shape[0], -1, x.shape[-1])                      # [C, n, d_in]
@@ -106,6 +121,10 @@ class CohortModel(nn.Module):
         _replace(backbone, head_name, CohortHead(self.binding, head.in_features, head.out_features))
         self.targets = list(targets)
         self.backbone = backbone.requires_grad_(False).eval()
+
+    def frozen_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen weight W0 `[d_out, d_in]` of every adapted module (no copies)."""
+        return {name: self.backbone.get_submodule(name).base.weight.detach() for name in self.targets}
 
     @property
     def lora_keys(self) -> list[str]:

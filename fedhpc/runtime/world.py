@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-__all__ = ["World", "make_world", "block_range", "check_launch"]
+if TYPE_CHECKING:  # torch loads in make_world, so check_launch runs before the slow import
+    import torch
+
+__all__ = ["World", "make_world", "block_range", "check_launch", "local_rank", "srun_tasks"]
 
 
 def block_range(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -35,41 +38,66 @@ class World:
         return self.rank == 0
 
 
+def srun_tasks() -> int | None:
+    """Tasks in the enclosing srun step (None outside one): what a direct srun launch must match."""
+    if os.environ.get("SLURM_STEP_ID") is None:
+        return None
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+    return int(tasks) if tasks else None
+
+
 def check_launch(comm) -> None:
-    """Under Slurm, srun without working PMI starts N one-rank copies: refuse to run N duplicates."""
-    tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS")
-    if tasks and os.environ.get("SLURM_STEP_ID") is not None and int(tasks) != comm.Get_size():
-        raise RuntimeError(f"MPI world has {comm.Get_size()} rank(s) but Slurm started {tasks} tasks: "
-                           f"launch with `srun --mpi=pmi2` (or pmix) so the tasks join one MPI world")
+    """Under Slurm, srun without working PMI starts N one-rank copies: refuse to run N duplicates.
+
+    A world *larger* than the step is fine: an MPI launcher inside an allocation (MPICH's
+    mpiexec) starts its proxies with a one-task srun per node and the ranks inherit that step.
+    """
+    tasks = srun_tasks()
+    if tasks is not None and comm.Get_size() < tasks:
+        raise RuntimeError(f"MPI world has {comm.Get_size()} rank(s) but srun started {tasks} tasks, so they "
+                           f"would run {tasks} separate copies: launch with `srun --mpi=pmi2` (MPICH) or "
+                           f"`--mpi=pmix` (Open MPI); `srun --mpi=list` shows what the cluster offers")
 
 
-def _device(local_rank: int) -> torch.device:
+def local_rank(comm) -> tuple[int, int]:
+    """(index of this rank among the ranks on its node, ranks on the node).
+
+    When srun started the ranks itself, SLURM_LOCALID is the index Slurm used for its own
+    GPU and CPU binding; ranks started by another launcher inherit one stale SLURM_LOCALID,
+    so there MPI's shared-memory split decides.
+    """
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        index, size = node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
+    if srun_tasks() == comm.Get_size() and "SLURM_LOCALID" in os.environ:
+        index = int(os.environ["SLURM_LOCALID"])
+    return index, size
+
+
+def _device(local_index: int) -> torch.device:
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        index = local_rank % torch.cuda.device_count()
+        index = local_index % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
 
 
-def _local_rank_and_size(comm) -> tuple[int, int]:
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.Get_rank(), node.Get_size()
-    finally:
-        node.Free()
-
-
 def make_world(comm, *, num_clients: int, device: str = "auto") -> World:
     """Place clients on ranks, pick this rank's device, and share the node's cores among its ranks."""
+    import torch
+
     rank, size = comm.Get_rank(), comm.Get_size()
     if size > num_clients:
         raise ValueError(f"{size} MPI ranks but only {num_clients} clients: use at most {num_clients} ranks")
-    local_rank, local_size = _local_rank_and_size(comm)
-    local_rank = int(os.environ.get("SLURM_LOCALID", local_rank))
+    local_index, local_size = local_rank(comm)
     threads = os.environ.get("SLURM_CPUS_PER_TASK")
     torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // local_size))
-    dev = _device(local_rank) if device == "auto" else torch.device(device)
+    dev = _device(local_index) if device == "auto" else torch.device(device)
     start, stop = block_range(num_clients, size, rank)
     return World(comm, rank, size, dev, np.arange(start, stop))

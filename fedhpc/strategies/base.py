@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..configtree import Selectable
+from ..models.ranks import ClientRanks
 from ..train.local import LocalHooks
 
 __all__ = ["StrategyConfig", "Strategy", "Contribution", "Reduced", "Exchange", "Probe", "register_strategy",
@@ -99,12 +100,13 @@ class Reduced:
 class Exchange:
     """What one round moves: per-client shapes the reduction averages per group (`means`) and
     gathers whole (`gathered`), and the bytes each participant sends and receives on the
-    modelled client-server wire (float32)."""
+    modelled client-server wire (float32). Bytes left None are counted from the keys the
+    strategy sends, each client's tensors at its true rank."""
     means: dict[str, tuple[int, ...]]
     num_groups: int
     gathered: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    bytes_up: int = 0
-    bytes_down: int = 0
+    bytes_up: int | None = None
+    bytes_down: int | None = None
 
 
 @dataclass
@@ -123,11 +125,22 @@ class Strategy:
     Config = StrategyConfig
     kept_keys: tuple[str, ...] = ()
 
-    def __init__(self, cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray):
+    def __init__(self, cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray, ranks: ClientRanks | None = None):
         self.cfg = cfg
         self.keys = list(keys)
         self.groups = groups
         """True latent group per client (used by oracle baselines only)."""
+        self.ranks = ranks
+        """Rank and LoRA scaling per client (None: not given, rank-agnostic methods need none)."""
+
+    def shape_of(self, key: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        """Per-client shape of a key this strategy sends or keeps (`shapes`: the adapters')."""
+        return shapes[key]
+
+    def down_rank(self, own: int, participants: np.ndarray) -> int:
+        """Rank at which a client of rank `own` receives the LoRA factors, given all participants'
+        ranks (stacking methods send more than the client's own rank)."""
+        return own
 
     # --- what clients keep between rounds -------------------------------------------------
     def kept(self) -> list[str]:
@@ -147,8 +160,10 @@ class Strategy:
         return {k: trained[k] for k in self.kept()}
 
     # --- DOWN ------------------------------------------------------------------------------
-    def init_server(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Server state from the shared initial adapters `[1, ...]`."""
+    def init_server(self, init: dict[str, torch.Tensor], *,
+                    frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Server state from the shared initial adapters `[1, ...]` (and, for methods that need
+        them, the frozen weights W0 `[d_out, d_in]` of the adapted modules by name)."""
         return {k: v.clone() for k, v in init.items() if k in self.shared()}
 
     def shared(self) -> list[str]:
@@ -202,11 +217,8 @@ class Strategy:
 
     def exchange(self, server: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> Exchange:
         """This round's traffic, from the server state and the model's per-client adapter shapes."""
-        def size(keys):
-            return sum(int(np.prod(shapes[k])) for k in keys) * 4
-        return Exchange({k: shapes[k] for k in self.sent_up()}, self.num_groups(),
-                        {k: shapes[k] for k in self.gathered_up()},
-                        bytes_up=size(self.sent_up() + self.gathered_up()), bytes_down=size(self.sent_down()))
+        return Exchange({k: self.shape_of(k, shapes) for k in self.sent_up()}, self.num_groups(),
+                        {k: self.shape_of(k, shapes) for k in self.gathered_up()})
 
     def participants(self, server: dict[str, torch.Tensor], sampled: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Who trains this round: the sampled clients, unless a round needs everyone (HiLoRA's clustering)."""
@@ -274,7 +286,8 @@ def list_strategies() -> list[str]:
     return sorted(STRATEGIES)
 
 
-def build_strategy(cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray) -> Strategy:
+def build_strategy(cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray,
+                   ranks: ClientRanks | None = None) -> Strategy:
     if cfg.name not in STRATEGIES:
         raise ValueError(f"unknown strategy '{cfg.name}' (known: {', '.join(list_strategies())})")
-    return STRATEGIES[cfg.name](cfg, keys=keys, groups=groups)
+    return STRATEGIES[cfg.name](cfg, keys=keys, groups=groups, ranks=ranks)

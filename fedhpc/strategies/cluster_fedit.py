@@ -26,8 +26,8 @@ class ClusterFedITConfig(StrategyConfig):
 class ClusterFedIT(Strategy):
     Config = ClusterFedITConfig
 
-    def __init__(self, cfg, *, keys, groups):
-        super().__init__(cfg, keys=keys, groups=groups)
+    def __init__(self, cfg, *, keys, groups, ranks=None):
+        super().__init__(cfg, keys=keys, groups=groups, ranks=ranks)
         if groups.size == 0 or (groups < 0).any():
             raise ValueError("strategy cluster_fedit needs data with known client groups "
                              "(data.name=planted, or partition.kind=grouped / domain)")
@@ -42,7 +42,7 @@ class ClusterFedIT(Strategy):
     def server_rows(self, clients: np.ndarray) -> torch.Tensor:
         return self.group_of(clients)
 
-    def init_server(self, init):
+    def init_server(self, init, *, frozen=None):
         return {k: v.expand(self.count, *v.shape[1:]).clone() for k, v in super().init_server(init).items()}
 
     def global_model(self, server, init):

@@ -134,8 +134,8 @@ def _tier(tier: int, r: int) -> slice:
 class HiLoRA(Strategy):
     Config = HiLoRAConfig
 
-    def __init__(self, cfg, *, keys, groups):
-        super().__init__(cfg, keys=keys, groups=groups)
+    def __init__(self, cfg, *, keys, groups, ranks=None):
+        super().__init__(cfg, keys=keys, groups=groups, ranks=ranks)
         self.modules = [k[:-len(".lora_A")] for k in keys if is_lora_a(k)]
         self.heads = [k for k in keys if is_head(k)]
 
@@ -149,7 +149,7 @@ class HiLoRA(Strategy):
         state["leaf_started"] = torch.zeros(1, dtype=torch.int64)
         return state
 
-    def init_server(self, init):
+    def init_server(self, init, *, frozen=None):
         r = self._rank(init)
         server = {}
         for m in self.modules:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..models.cohort import CohortModel
 from ..models.dropout import client_keys
+from ..models.ranks import mask_to_ranks
 from .optim import OptimConfig, StackedOptimizer, clip_per_client
 
 __all__ = ["TrainConfig", "LocalHooks", "local_train", "client_batches", "split_passes", "probe_clients_per_pass",
@@ -62,6 +63,14 @@ class LocalHooks:
 
     def grads(self, grads: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> None:
         """Transform the gradients in place before the optimizer step (e.g. control variates)."""
+
+    def stepped(self, active: torch.Tensor) -> None:
+        """Called after each optimizer step with the clients `[C]` (bool) that took it."""
+
+    def results(self) -> dict[str, torch.Tensor]:
+        """Per-client tensors `[C, ...]` measured during training (e.g. a mean gradient), handed to
+        the strategy's `update_clients` and `contribute` with the trained adapters."""
+        return {}
 
 
 def client_batches(indices: np.ndarray, *, seed: int, client: int, round_index: int, cfg: TrainConfig) -> list[np.ndarray]:
@@ -114,10 +123,13 @@ def keep_freed_memory() -> bool:
 def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_state: dict[str, torch.Tensor],
                 trainable: list[str], x: torch.Tensor, y: torch.Tensor, client_ids: np.ndarray,
                 client_indices: list[np.ndarray], seed: int, round_index: int, cfg: TrainConfig,
-                hooks: LocalHooks, scaling: torch.Tensor | None = None, dropout: bool = False) -> torch.Tensor:
+                hooks: LocalHooks, scaling: torch.Tensor | None = None, ranks: torch.Tensor | None = None,
+                dropout: bool = False) -> torch.Tensor:
     """Train these clients' adapters `[C, ...]` in place; returns each client's mean loss `[C]`.
 
     `opt_state` is the optimizer state of the same clients (`StackedOptimizer.init_state`).
+    `scaling` `[C]` is each client's LoRA scaling; `ranks` `[C]` its true rank: gradients beyond
+    it are zeroed (after the hooks), so padded rows of A and columns of B never move.
     """
     count = len(client_ids)
     device = adapters["head.weight"].device
@@ -147,10 +159,13 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
         for v in adapters.values():
             v.requires_grad_(False)
         hooks.grads(grads, adapters)
+        if ranks is not None:
+            mask_to_ranks(grads, ranks, inplace=True)
         if cfg.max_grad_norm > 0:
             clip_per_client(list(grads.values()), cfg.max_grad_norm)
         active_t = torch.from_numpy(active).to(device)
         optimizer.step(adapters, grads, opt_state, active_t)
+        hooks.stepped(active_t)
         loss_sum += per_client.detach().double() * active_t
     counts = torch.tensor([len(p) for p in plans], dtype=torch.float64, device=device)
     return loss_sum / counts.clamp(min=1)

@@ -87,6 +87,21 @@ def test_only_bad_matrices_fall_back(monkeypatch):
     assert calls == [1]
 
 
+def test_cpu_blocks_match_one_block_and_fall_back_alone(monkeypatch):
+    """Cache blocking (2 matrices per block, a short last block) gives the one-block result;
+    a bad matrix in the middle block still falls back alone."""
+    X = torch.from_numpy(conditioned(5, 100, 8, 10.0, seed=7)).float()
+    X[3, :, 2] = 0
+    whole = orthonormalize(X)
+    monkeypatch.setattr(reference, "BLOCK_BYTES", 2 * 100 * 8 * 4)
+    calls = spy_fallback(monkeypatch)
+    Q, R = orthonormalize(X)
+    assert calls == [1]
+    assert_rel_close("Q", whole[0], Q, 1e-6)
+    assert_rel_close("R", whole[1], R, 1e-6)
+    check_factorisation(X, Q, R, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("case", ["zero", "zero-column", "duplicate-columns", "rank-1", "tiny-scale"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_rank_deficient_never_nan(case, dtype):

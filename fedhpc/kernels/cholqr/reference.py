@@ -10,6 +10,12 @@ ETNA 44, 2015). That quantity is our per-matrix condition estimate: with
 in float64. Matrices that fail (Cholesky breakdown, non-finite values, rank
 deficiency) are redone by Householder QR, whose Q is orthonormal for any input.
 
+On the CPU the batch is processed in blocks of ``BLOCK_BYTES``: each block runs both
+passes while it is cache-resident, so X is read from memory once, Q written once, and
+Q₁ lives in one reused block-sized buffer. Unblocked, Q₁ was a second batch-sized
+allocation whose fresh pages the kernel faulted in and zeroed on every call (1.6k-6.7k
+minor faults per call at [256, 768, 16], against ~200 blocked).
+
 The Triton and CUDA paths reuse ``cholesky_inverse_factors`` and
 ``finish_with_fallback`` so that all backends share one acceptance rule.
 """
@@ -19,6 +25,10 @@ import torch
 
 TOLERANCE = 0.1
 """Largest accepted max|Q₁ᵀQ₁ − I| after the first pass (≈ u·κ(X)²)."""
+
+BLOCK_BYTES = 4 << 20
+"""Bytes of X per CPU block. 1-8 MiB timed alike on one thread; the larger end means fewer
+bmm calls, i.e. fewer OpenMP barriers, which stall when the shared box is oversubscribed."""
 
 
 def householder(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +72,19 @@ def finish_with_fallback(X: torch.Tensor, Q: torch.Tensor, R: torch.Tensor,
 
 def cholqr2_reference(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q [b, d, r], R [b, r, r] with X = Q R for ``X [b, d, r]`` (float32 or float64)."""
-    R1, W1, ok1 = cholesky_inverse_factors(X.mT @ X)
-    Q1 = X @ W1
-    G2 = Q1.mT @ Q1
-    R2, W2, ok2 = cholesky_inverse_factors(G2)
-    Q, R = Q1 @ W2, R2 @ R1
-    return finish_with_fallback(X, Q, R, accepted(ok1, ok2, G2))
+    b, d, r = X.shape
+    Q, R = X.new_empty(b, d, r), X.new_empty(b, r, r)
+    ok = torch.empty(b, dtype=torch.bool, device=X.device)
+    step = b if X.device.type != "cpu" else max(1, BLOCK_BYTES // (d * r * X.element_size()))
+    Q1 = X.new_empty(min(step, b), d, r)                  # reused for every block
+    for i in range(0, b, step):
+        j = min(b, i + step)
+        Xi, Q1i = X[i:j], Q1[:j - i]
+        R1, W1, ok1 = cholesky_inverse_factors(Xi.mT @ Xi)
+        torch.bmm(Xi, W1, out=Q1i)
+        G2 = Q1i.mT @ Q1i
+        R2, W2, ok2 = cholesky_inverse_factors(G2)
+        torch.bmm(Q1i, W2, out=Q[i:j])
+        torch.bmm(R2, R1, out=R[i:j])
+        ok[i:j] = accepted(ok1, ok2, G2)
+    return finish_with_fallback(X, Q, R, ok)

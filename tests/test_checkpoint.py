@@ -1,0 +1,209 @@
+"""Checkpoints: a resumed run ends exactly where the uninterrupted one does, on any rank count,
+after a crash (SIGKILL) or a preemption (SIGTERM), and a corrupt file falls back to an older one."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from conftest import REPO, TINY
+from fedhpc.cli import main
+from fedhpc.config import load_config
+from fedhpc.experiment import run
+from fedhpc.io.checkpoint import CheckpointError, find_resumable, verify
+from fedhpc.runtime.preempt import PREEMPTED_EXIT_CODE
+from fedhpc.strategies import list_strategies
+from test_experiment import _close
+
+CONFIG = str(REPO / "configs/quickstart.yaml")
+WALL_CLOCK = {"round_seconds", "clients_per_second", "mpi_bytes"}
+LONG = ["rounds=4", "strategy.name=fedsa_lora", "strategy.keep_optimizer_state=true"]
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in WALL_CLOCK} for m in lines]
+
+
+def _assert_same_run(resumed: Path, reference: Path):
+    _close(_summary(resumed), _summary(reference))
+    got, want = _metrics(resumed), _metrics(reference)
+    assert [m["round"] for m in got] == [m["round"] for m in want]
+    for a, b in zip(got, want):
+        _close(a, b)
+    assert json.loads((resumed / "client_accuracy.json").read_text()) == \
+        json.loads((reference / "client_accuracy.json").read_text())
+
+
+def _global_rng_states():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+@pytest.mark.parametrize("strategy", list_strategies())
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(strategy, tmp_path):
+    overrides = TINY + [f"strategy.name={strategy}", "checkpoint.keep=2", "strategy.keep_optimizer_state=true",
+                        "sampling.fraction=0.7"]
+    cfg = load_config(CONFIG, overrides + [f"out_dir={tmp_path / 'a'}"])
+    before = _global_rng_states()
+    run(cfg, comm=MPI.COMM_SELF, progress=False)
+    after = _global_rng_states()
+    # all randomness is keyed by (seed, client, round): a run draws nothing from global streams
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    full = tmp_path / "a" / "quickstart"
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["round-000001.h5", "round-000002.h5"]
+    # a run that stopped after round 1: its directory as it was then
+    part = tmp_path / "b" / "quickstart"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints/round-000001.h5", part / "checkpoints")
+    shutil.copy(full / "config.yaml", part)
+    path = find_resumable(part, comm=MPI.COMM_SELF)
+    run(load_config(CONFIG, overrides + [f"out_dir={tmp_path / 'b'}"]), comm=MPI.COMM_SELF, progress=False,
+        resume=path)
+    _assert_same_run(part, full)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 4-round run the crash and preemption tests must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    run(load_config(CONFIG, TINY + LONG + [f"out_dir={out}", "checkpoint.keep=4"]), comm=MPI.COMM_SELF, progress=False)
+    return out / "quickstart"
+
+
+def _launch(n: int, args: list[str]) -> subprocess.Popen:
+    launcher = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if launcher is None:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    return subprocess.Popen([launcher, "-n", str(n), sys.executable, "-m", "fedhpc", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    """The process of MPI rank `rank` under this mpiexec (hydra gives each its PMI_RANK)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo, found = [launcher_pid], []
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                env = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"PMI_RANK={rank}".encode() in env and b"fedhpc" in (Path("/proc") / str(child) / "cmdline").read_bytes():
+                found.append(child)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigkill_of_a_rank_then_resume_on_fewer_ranks(reference, tmp_path):
+    args = ["run", CONFIG, *TINY, *LONG, f"out_dir={tmp_path}", "checkpoint.every=1", "--quiet"]
+    proc = _launch(4, args)
+    ckpts = tmp_path / "quickstart" / "checkpoints"
+    _wait_for(lambda: (ckpts / "round-000002.h5").exists(), proc)
+    os.kill(_rank_pid(proc.pid, 0), signal.SIGKILL)  # rank 0 is the checkpoint writer: the hardest case
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (tmp_path / "quickstart" / "summary.json").exists()
+    left = sorted(p.name for p in ckpts.iterdir())
+    assert left and left[-1] < "round-000004.h5", left  # killed mid-run
+    resumed = _launch(2, ["run", "--resume", str(tmp_path / "quickstart"), "--quiet"])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert not any(p.suffix == ".tmp" for p in ckpts.iterdir())
+    _assert_same_run(tmp_path / "quickstart", reference)
+    assert _summary(tmp_path / "quickstart")["ranks"] == 2
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_identically(reference, tmp_path):
+    args = ["run", CONFIG, *TINY, *LONG, f"out_dir={tmp_path}", "checkpoint.every=0"]
+    proc = _launch(2, args)
+    metrics = tmp_path / "quickstart" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # one rank signalled: the ranks agree on it
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    (line,) = [line for line in out.splitlines() if "preempted" in line]
+    stopped = int(line.split("after round ")[1].split(";")[0])
+    path = tmp_path / "quickstart" / "checkpoints" / f"round-{stopped:06d}.h5"
+    assert line == f"fedhpc: preempted after round {stopped}; checkpoint {path}; resume with --resume auto"
+    assert 1 <= stopped < 4 and all(ok for *_, ok in verify(path))
+    assert not (tmp_path / "quickstart" / "summary.json").exists()
+    # the job script's next attempt: same command, --resume auto, on another rank count
+    resumed = subprocess.run([sys.executable, "-m", "fedhpc", *args, "--resume", "auto", "--quiet"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(tmp_path / "quickstart", reference)
+
+
+def _flip_byte(path: Path, dataset: str):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as handle:
+        handle.seek(offset + 5)
+        byte = handle.read(1)
+        handle.seek(offset + 5)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_corrupt_or_torn_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys):
+    run_dir = tmp_path / "quickstart"
+    shutil.copytree(reference, run_dir)
+    ckpts = run_dir / "checkpoints"
+    _flip_byte(ckpts / "round-000004.h5", "/server/blocks.0.attn.qkv.lora_A")  # bit rot in the newest
+    with open(ckpts / "round-000003.h5", "r+b") as handle:                    # a torn copy of the one before
+        handle.truncate(os.path.getsize(ckpts / "round-000003.h5") // 2)
+    lines = []
+    assert find_resumable(run_dir, comm=MPI.COMM_SELF, say=lines.append) == ckpts / "round-000002.h5"
+    assert len(lines) == 2 and all(line.count("\n") == 0 for line in lines)
+    assert "round-000004.h5: checksum mismatch in /server/blocks.0.attn.qkv.lora_A" in lines[0]
+    assert "round-000003.h5: unreadable" in lines[1]
+    assert main(["inspect", str(ckpts / "round-000004.h5")]) == 1
+    assert "BAD" in capsys.readouterr().out
+    with pytest.raises(CheckpointError):
+        verify(ckpts / "round-000003.h5")
+    assert main(["inspect", str(ckpts / "round-000002.h5")]) == 0
+    assert "all checksums ok" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_changed_config(reference, tmp_path, capsys):
+    shutil.copytree(reference, tmp_path / "quickstart")
+    args = ["run", CONFIG, *TINY, *LONG, f"out_dir={tmp_path}", "--resume", "auto"]
+    assert main(args + ["train.optimizer.lr=0.02"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.optimizer.lr: 0.02 differs from the checkpoint's 0.01" in err
+    assert main(["run", "--resume", str(tmp_path / "quickstart"), "lora.r=8"]) == 2
+    assert "lora.r: 8 differs from the checkpoint's 4" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "quickstart"), "rounds=3"]) == 2
+    assert "rounds: 3 but the checkpoint is at round 4" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,223 @@
+"""fedhpc on a real one-node Slurm cluster (slurm/local_cluster.sh): the sbatch template and a
+bare srun give mpiexec's summary, broken launches are refused, and a requeued job resumes to the
+summary of an uninterrupted run.
+
+Needs root (to install slurm-wlm + munge and start the daemons) or a cluster already up; without
+either the module skips, except under CI, where it must run.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, mpiexec
+from test_experiment import _close
+
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+RUN = ["configs/quickstart.yaml", *TINY, "rounds=3"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+def _sbatch_options(template: Path) -> dict:
+    """`#SBATCH --key=value` lines of a job script (commented-out `##SBATCH` lines are not options)."""
+    options = {}
+    for line in template.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line.split()[1].partition("=")
+            options[key] = value
+    return options
+
+
+@pytest.mark.parametrize("name", ["cpu.sbatch", "gpu.sbatch"])
+def test_templates_keep_the_launch_invariants(name):
+    """Needs no cluster: what the templates must keep whatever a user edits."""
+    options = _sbatch_options(REPO / "slurm" / name)
+    assert "--requeue" in options and options["--open-mode"] == "append"
+    assert re.fullmatch(r"USR1@\d+", options["--signal"])  # to the ranks, not B: (see slurm/launch.sh)
+    if "--gpus-per-node" in options:  # one rank per GPU
+        assert options["--ntasks-per-node"] == options["--gpus-per-node"]
+    assert subprocess.run(["bash", "-n", REPO / "slurm" / name]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Environment for Slurm commands; brings the local cluster up (and down again if it was down)."""
+    cannot = pytest.fail if os.environ.get("CI") else pytest.skip  # CI here is root: there they must run
+    was_up = subprocess.run(["bash", CLUSTER, "status"], capture_output=True).returncode == 0
+    if not was_up and os.geteuid() != 0:
+        cannot("no local Slurm cluster and not root: run `sudo slurm/local_cluster.sh up` first")
+    up = subprocess.run(["bash", CLUSTER, "up"], capture_output=True, text=True, timeout=900)
+    if up.returncode != 0:
+        cannot("local Slurm cluster did not start: " + ((up.stderr or up.stdout).strip().splitlines() or ["?"])[-1])
+    conf = re.search(r"SLURM_CONF=(\S+)", up.stdout).group(1)
+    bin_dir = str(Path(sys.executable).parent)
+    yield {**os.environ, "SLURM_CONF": conf, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable, "RESUME": "auto"}
+    if not was_up:
+        subprocess.run(["bash", CLUSTER, "down"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Summary of the same run under `mpiexec -n 2`."""
+    out = tmp_path_factory.mktemp("mpiexec")
+    proc = mpiexec(2, ["run", *RUN, f"out_dir={out}", "--quiet"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _summary(out)
+
+
+def _summary(out_dir: Path) -> dict:
+    return json.loads((out_dir / "quickstart" / "summary.json").read_text())
+
+
+def _slurm(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def _sbatch(env, log: Path, *args) -> str:
+    """Submit a batch job running in the repository; returns its id."""
+    proc = _slurm(env, "sbatch", "--parsable", f"--output={log}", f"--chdir={REPO}", *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _job(env, job: str) -> dict:
+    """`scontrol show job` as a dict (finished jobs stay listed for MinJobAge, 300 s)."""
+    line = _slurm(env, "scontrol", "show", "job", "--oneliner", job).stdout
+    return dict(field.split("=", 1) for field in line.split() if "=" in field)
+
+
+def _run_to_end(env, job: str) -> dict:
+    """Wait for the job to end; Slurm holds a requeued job for about two minutes (Reason=BeginTime),
+    so release it at once."""
+    def ended():
+        info = _job(env, job)
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            _slurm(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+        return info["JobState"] in TERMINAL
+
+    _wait_for(ended, f"job {job} to end")
+    return _job(env, job)
+
+
+def _wait_for(condition, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def _fnv1a(text: str) -> str:
+    """MPICH's hash of a PMI id, which names its node shared-memory segment."""
+    value = 2166136261
+    for byte in text.encode():
+        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
+    return f"{value:x}"
+
+
+def test_sbatch_template_matches_mpiexec(slurm, reference, tmp_path):
+    log = tmp_path / "job.log"
+    job = _sbatch(slurm, log, "--hold", "slurm/cpu.sbatch", *RUN, f"out_dir={tmp_path}")
+    # What ranks killed before MPI_Finalize leave behind for a requeued job: a segment named
+    # after its fedhpc step, which would make MPI_Init fail. The template removes it first.
+    stale = Path(f"/dev/shm/mpich_shm_{_fnv1a(f'{job}.1')}_0")
+    stale.write_bytes(bytes(1 << 20))
+    try:
+        assert _slurm(slurm, "scontrol", "release", job).returncode == 0
+        info = _run_to_end(slurm, job)
+    finally:
+        stale.unlink(missing_ok=True)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    summary = _summary(tmp_path)
+    assert summary["ranks"] == 2 and "2 tasks" in log.read_text()
+    _close(summary, reference)
+
+
+STAND_IN = """#!/bin/bash
+# Stands in for `python -m fedhpc run ...` on each rank, keeping fedhpc's side of the contract:
+# on SIGUSR1 write a checkpoint and exit 75; a restart finishes.
+if ((${SLURM_RESTART_COUNT:-0} > 0)); then echo "rank $SLURM_PROCID resumed: $*"; exit 0; fi
+[[ CRASH == 0 ]] || { echo "rank $SLURM_PROCID crashed"; exit 1; }
+trap 'echo "rank $SLURM_PROCID checkpointed"; kill $!; exit 75' USR1
+echo "rank $SLURM_PROCID running"
+(trap '' USR1; exec sleep 120) & wait  # Slurm signals every process of the step: only this one acts
+"""
+
+
+@pytest.mark.parametrize("crash", [0, 1], ids=["warning", "crash"])
+def test_job_script_requeues_only_a_preempted_run(slurm, tmp_path, crash):
+    """The template's own logic, with a stand-in for fedhpc: the warning reaches every rank, and
+    the job requeues and resumes; a run that fails on its own is not requeued."""
+    stand_in, log = tmp_path / "fedhpc_rank", tmp_path / "job.log"
+    stand_in.write_text(STAND_IN.replace("CRASH", str(crash)))
+    stand_in.chmod(0o755)
+    env = {**slurm, "PYTHON": str(stand_in), "RESUME": "auto"}
+    job = _sbatch(env, log, "slurm/cpu.sbatch", "configs/quickstart.yaml")
+    if not crash:
+        _wait_for(lambda: log.exists() and log.read_text().count(" running") == 2, "both ranks")
+        # what --signal=USR1@<s> does before the time limit: signal the job's steps, not the shell
+        assert _slurm(slurm, "scancel", "--signal=USR1", job).returncode == 0
+    info = _run_to_end(slurm, job)
+    text = log.read_text()
+    if crash:
+        assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), text
+        assert "requeueing" not in text
+    else:
+        assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text
+        assert text.count("checkpointed") == 2 and f"requeueing job {job}" in text
+        assert text.count("resumed: -m fedhpc run configs/quickstart.yaml --resume auto") == 2, text
+
+
+def test_srun_matches_mpiexec(slurm, reference, tmp_path):
+    proc = _slurm(slurm, "srun", "--mpi=pmi2", "-n", "2", sys.executable, "-m", "fedhpc", "run", *RUN,
+                  f"out_dir={tmp_path}", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(tmp_path)
+    assert summary["ranks"] == 2
+    _close(summary, reference)
+
+
+def test_srun_without_pmi_is_one_clear_error(slurm, tmp_path):
+    proc = _slurm(slurm, "srun", "--mpi=none", "-n", "2", sys.executable, "-m", "fedhpc", "run", *RUN,
+                  f"out_dir={tmp_path}")
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("fedhpc")]
+    assert ours == ["fedhpc: error: MPI world has 1 rank(s) but srun started 2 tasks, so they would run 2 "
+                    "separate copies: launch with `srun --mpi=pmi2` (MPICH) or `--mpi=pmix` (Open MPI); "
+                    "`srun --mpi=list` shows what the cluster offers"], proc.stderr
+    assert not (tmp_path / "quickstart").exists()
+
+
+def test_mpiexec_inside_a_job_gets_distinct_local_ranks(slurm, tmp_path):
+    # MPICH's mpiexec starts its proxy with a one-task srun, so both ranks inherit SLURM_LOCALID=0.
+    probe = ("from mpi4py import MPI; from fedhpc.runtime.world import check_launch, local_rank; "
+             "comm = MPI.COMM_WORLD; check_launch(comm); seen = comm.gather((comm.rank, *local_rank(comm))); "
+             "comm.rank or print(seen)")
+    log = tmp_path / "job.log"
+    info = _run_to_end(slurm, _sbatch(slurm, log, "-n", "2", f"--wrap=mpiexec -n 2 {sys.executable} -c '{probe}'"))
+    assert info["JobState"] == "COMPLETED", log.read_text()
+    assert log.read_text().strip() == "[(0, 0, 2), (1, 1, 2)]"  # (rank, local index, ranks on the node)
+
+
+@pytest.mark.parametrize("interrupt", ["scontrol requeue", "time-limit warning"])
+def test_interrupted_job_resumes_to_the_uninterrupted_summary(slurm, reference, tmp_path, interrupt):
+    log, metrics = tmp_path / "job.log", tmp_path / "quickstart" / "metrics.jsonl"
+    job = _sbatch(slurm, log, "slurm/cpu.sbatch", *RUN, "checkpoint.every=1", f"out_dir={tmp_path}")
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "round 1")
+    if interrupt == "scontrol requeue":  # what preemption does: SIGTERM to every process, then requeue
+        assert _slurm(slurm, "scontrol", "requeue", job).returncode == 0
+    else:  # what --signal=USR1@<s> does before the time limit; slurm/launch.sh requeues
+        assert _slurm(slurm, "scancel", "--signal=USR1", job).returncode == 0
+    info = _run_to_end(slurm, job)
+    text = log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-3000:]
+    first, second = text.split(f"job {job} start 2")
+    assert "fedhpc: preempted after round" in first and "fedhpc: done" not in first, text[-3000:]
+    assert "fedhpc: resumed from" in second and "fedhpc: done" in second, text[-3000:]
+    _close(_summary(tmp_path), reference)

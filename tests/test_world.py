@@ -1,0 +1,92 @@
+"""Start-up checks under Slurm, driven by the environment variables srun sets for each task."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from fedhpc.runtime.world import check_launch, make_world
+
+SLURM_VARS = ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_PROCID",
+              "SLURM_CPUS_PER_TASK")
+
+
+@pytest.fixture
+def slurm_env(monkeypatch):
+    """A clean slate of Slurm variables (the tests may themselves run inside a Slurm job)."""
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, str(value))
+    return set_env
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """Pretend this node has 4 visible GPUs; records the device torch is pointed at."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def world_of(size):
+    return SimpleNamespace(Get_size=lambda: size)
+
+
+def test_srun_copies_without_pmi_are_refused(slurm_env):
+    # srun -n 2 without PMI: each task is rank 0 of a one-rank world
+    slurm_env(SLURM_STEP_ID=0, SLURM_STEP_NUM_TASKS=2, SLURM_NTASKS=2, SLURM_PROCID=1)
+    with pytest.raises(RuntimeError, match=r"1 rank\(s\) but srun started 2 tasks.*srun --mpi=pmi2"):
+        check_launch(MPI.COMM_SELF)
+    # Slurm versions without SLURM_STEP_NUM_TASKS still set SLURM_NTASKS for the step
+    os.environ.pop("SLURM_STEP_NUM_TASKS")
+    with pytest.raises(RuntimeError, match="srun started 2 tasks"):
+        check_launch(MPI.COMM_SELF)
+
+
+def test_worlds_that_are_one_launch_are_accepted(slurm_env):
+    check_launch(MPI.COMM_SELF)  # no Slurm at all
+    slurm_env(SLURM_NTASKS=4)  # python run straight from a 4-task batch script: not a step
+    check_launch(MPI.COMM_SELF)
+    slurm_env(SLURM_STEP_ID=0, SLURM_STEP_NUM_TASKS=4, SLURM_NTASKS=4)
+    check_launch(world_of(4))  # srun --mpi=pmi2 -n 4
+    slurm_env(SLURM_STEP_NUM_TASKS=1, SLURM_NTASKS=1)
+    check_launch(world_of(2))  # mpiexec -n 2 in a job: its proxy is a one-task srun step
+
+
+def test_device_is_slurm_localid_modulo_visible_gpus(slurm_env, four_gpus, keep_threads):
+    slurm_env(SLURM_STEP_ID=0, SLURM_STEP_NUM_TASKS=1, SLURM_NTASKS=1, SLURM_LOCALID=5)
+    assert make_world(MPI.COMM_SELF, num_clients=4).device == torch.device("cuda", 1)
+    assert four_gpus == [1]
+    slurm_env(SLURM_LOCALID=3)
+    assert make_world(MPI.COMM_SELF, num_clients=4).device == torch.device("cuda", 3)
+
+
+def test_stale_localid_outside_a_matching_step_is_ignored(slurm_env, four_gpus, keep_threads):
+    # Ranks not started by srun (no step, or a step of another size) inherit the batch shell's
+    # SLURM_LOCALID; the node-local MPI rank (0 in a one-rank world) decides instead.
+    slurm_env(SLURM_LOCALID=3, SLURM_NTASKS=2)
+    assert make_world(MPI.COMM_SELF, num_clients=4).device == torch.device("cuda", 0)
+    slurm_env(SLURM_STEP_ID=0, SLURM_STEP_NUM_TASKS=2)
+    assert make_world(MPI.COMM_SELF, num_clients=4).device == torch.device("cuda", 0)
+
+
+def test_torch_threads_follow_cpus_per_task(slurm_env, keep_threads):
+    slurm_env(SLURM_CPUS_PER_TASK=3)
+    make_world(MPI.COMM_SELF, num_clients=4)
+    assert torch.get_num_threads() == 3
+    os.environ.pop("SLURM_CPUS_PER_TASK")
+    make_world(MPI.COMM_SELF, num_clients=4)  # one rank on this node: every core
+    assert torch.get_num_threads() == max(1, os.cpu_count())
