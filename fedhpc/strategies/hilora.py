@@ -264,7 +264,7 @@ class HiLoRA(Strategy):
         tier = sum(r * (A[m][1] + B[m][0]) for m in self.modules) * 4
         head = sum(int(np.prod(shapes[h])) for h in self.heads) * 4
         if stage == LEAF:  # nothing leaves a client; the final cluster tier arrives once
-            return Exchange({}, 1, bytes_down=(tier + head) if stage_round == 0 else 0)
+            return Exchange({}, 1, bytes_up=0, bytes_down=(tier + head) if stage_round == 0 else 0)
         means, gathered = self._tier_tensors(self._mode(stage), A, B)
         means.update({h: shapes[h] for h in self.heads})
         up = tier + head
