@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +83,9 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     modality = "text" if cfg.model.family == "hf" else "image"
     data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed, modality=modality,
                                 seq_len=cfg.model.seq_len)
-    ranks = ClientRanks(cfg.lora.client_ranks(cfg.num_clients, seed=cfg.seed), cfg.lora.lora_alpha)
-    model = build_cohort_model(cfg.model, cfg.lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device,
+    lora = adapter_lora(cfg)
+    ranks = ClientRanks(lora.client_ranks(cfg.num_clients, seed=cfg.seed), lora.lora_alpha)
+    model = build_cohort_model(cfg.model, lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device,
                                rank=ranks.max)
     if cfg.data.name == "planted" and cfg.data.planted.teacher == "backbone":
         data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
@@ -103,14 +104,24 @@ def _setup(cfg: ExperimentConfig, comm) -> _Run:
     return _Run(cfg, world, data, model, strategy, init, per_pass, ranks)
 
 
+def adapter_lora(cfg: ExperimentConfig):
+    """The LoRA config the model is built with: the strategy's adapter rank (HiLoRA stacks three
+    rank-r tiers into 3r), alpha scaled along so that each rank-r part keeps scaling alpha / r."""
+    rank = cfg.strategy.adapter_rank(cfg.lora.r)
+    if rank == cfg.lora.r:
+        return cfg.lora
+    if cfg.lora.ranks or cfg.lora.client_tiers or cfg.lora.rank_choices:
+        raise ValueError(f"strategy {cfg.strategy.name} gives every client one rank (lora.r); "
+                         "remove lora.ranks / lora.client_tiers / lora.rank_choices")
+    return replace(cfg.lora, r=rank, lora_alpha=cfg.lora.lora_alpha * rank / cfg.lora.r)
+
+
 def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | None, participants: np.ndarray,
-                 round_index: int):
+                 round_index: int, exchange):
     """Local training of this rank's participants, pass by pass; returns the reduction and losses."""
     cfg, data, strategy = r.cfg, r.data, r.strategy
     mine = participants[np.isin(participants, r.world.clients)]
-    up_shapes = {k: strategy.shape_of(k, r.model.shapes) for k in strategy.sent_up()}
-    gather_shapes = {k: strategy.shape_of(k, r.model.shapes) for k in strategy.gathered_up()}
-    reduction = GroupReduction(up_shapes, strategy.num_groups(), gather_shapes)
+    reduction = GroupReduction(exchange.means, exchange.num_groups, exchange.gathered)
     loss_stats = torch.zeros(2, dtype=torch.float64)
     optimizer = StackedOptimizer(cfg.train.optimizer)
     trainable = strategy.trainable()
@@ -128,10 +139,11 @@ def _train_round(r: _Run, server, store: ClientStore, opt_store: ClientStore | N
                              scaling=_scaling(r, run_ids), ranks=r.ranks.of(run_ids))
         real = slice(0, len(ids))
         trained = {k: v[real] for k, v in {**adapters, **hooks.results()}.items()}
-        store.put(ids, strategy.update_clients(server, trained, {k: v[real] for k, v in state.items()}, ids))
+        new_state = strategy.update_clients(server, trained, {k: v[real] for k, v in state.items()}, ids)
+        store.put(ids, new_state)
         if opt_store:
             opt_store.put(ids, {k: v[real] for k, v in opt_state.items()})
-        reduction.add(strategy.contribute(trained, ids, weights[real]))
+        reduction.add(strategy.contribute(trained, ids, weights[real], server=server, state=new_state))
         loss_stats += torch.stack([(losses[real].cpu() * weights[real]).sum(), weights[real].sum()])
     return reduction, loss_stats
 
@@ -163,8 +175,16 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
     for ids in split_passes(mine, r.per_pass):
         run_ids = ids if len(ids) > 1 else np.repeat(ids, 2)
         kept = {k: v.expand(len(run_ids), *v.shape[1:]) for k, v in fresh.items()}
-        adapters = _start(r, server, kept, run_ids)
-        hooks = r.strategy.hooks(server, kept, run_ids)
+        train_ix = [data.client_train[c] for c in run_ids]
+        probe, probed = r.strategy.unseen_probe(server, kept, run_ids), None
+        if probe is not None:
+            probed = probe.adapters
+            probe_cfg = replace(cfg.train, local_steps=probe.steps)
+            local_train(r.model, adapters=probed, opt_state=StackedOptimizer(cfg.train.optimizer).init_state(probed),
+                        trainable=list(probed), x=data.train_x, y=data.train_y, client_ids=run_ids,
+                        client_indices=train_ix, seed=cfg.seed, round_index=cfg.rounds + 2, cfg=probe_cfg,
+                        hooks=probe.hooks)
+        adapters, hooks = r.strategy.unseen_start(server, kept, run_ids, probed)
         test = [data.client_test[c] for c in run_ids]
         scaling = _scaling(r, run_ids)
         zero.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
@@ -173,7 +193,7 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
             trainable = [k for k in adapters if k in r.model.shapes]  # not a shared base delta
             opt_state = StackedOptimizer(cfg.train.optimizer).init_state({k: adapters[k] for k in trainable})
             local_train(r.model, adapters=adapters, opt_state=opt_state, trainable=trainable, x=data.train_x,
-                        y=data.train_y, client_ids=run_ids, client_indices=[data.client_train[c] for c in run_ids],
+                        y=data.train_y, client_ids=run_ids, client_indices=train_ix,
                         seed=cfg.seed, round_index=cfg.rounds + 1, cfg=tune_cfg, hooks=hooks, scaling=scaling,
                         ranks=r.ranks.of(run_ids))
             tuned.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
@@ -198,8 +218,11 @@ def _scaling(r: _Run, ids: np.ndarray) -> torch.Tensor:
     return r.ranks.scaling(ids).to(r.world.device)
 
 
-def _round_bytes(r: _Run, participants: np.ndarray) -> tuple[int, int]:
-    """Bytes up and down this round, each client's tensors counted at its true rank (float32 on the wire)."""
+def _round_bytes(r: _Run, participants: np.ndarray, exchange) -> tuple[int, int]:
+    """Bytes up and down this round on the modelled client-server wire (float32): the strategy's own
+    count when it gives one, else its sent keys with each client's tensors at its true rank."""
+    if exchange.bytes_up is not None:
+        return exchange.bytes_up * len(participants), exchange.bytes_down * len(participants)
     strategy, shapes = r.strategy, r.model.shapes
     ranks = r.ranks.ranks[participants]
 
@@ -270,9 +293,11 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
     for round_index in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
         # --- SAMPLE (identical on every rank) ---
-        participants = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
+        sampled = sample_clients(data.seen, cfg.sampling, seed=cfg.seed, round_index=round_index)
+        participants = strategy.participants(server, sampled, data.seen)
+        exchange = strategy.exchange(server, r.model.shapes)
         # --- DOWN + LOCAL (this rank's participants, whole passes at once) ---
-        reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index)
+        reduction, loss_stats = _train_round(r, server, store, opt_store, participants, round_index, exchange)
         # --- UP + REDUCE (the only collective on the training path) ---
         reduced, sent = reduction.finish(comm=comm)
         loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent)])]), comm=comm)
@@ -281,12 +306,13 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
             raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
         # --- AGGREGATE (replicated) ---
         server = strategy.aggregate(server, reduced, round_index=round_index)
-        up, down = _round_bytes(r, participants)
+        up, down = _round_bytes(r, participants, exchange)
         totals["bytes_up"] += up
         totals["bytes_down"] += down
         totals["mpi_bytes"] += int(loss_total[2])
         # --- EVALUATE + LOG ---
-        metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals}
+        metrics = {"round": round_index, "train_loss": train_loss, "participants": len(participants), **totals,
+                   **strategy.metrics(server)}
         if round_index % cfg.eval.every == 0 or round_index == cfg.rounds:
             evaluated, per_client = _evaluate(r, server, store)
             metrics.update(evaluated)
@@ -318,7 +344,7 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
         "personalized_p10": metrics.get("personalized_p10", math.nan),
         "unseen_accuracy": unseen_zero, "unseen_accuracy_finetuned": unseen_tuned,
         "final_train_loss": metrics.get("train_loss", math.nan),
-        **totals, "wall_seconds": wall_before + time.perf_counter() - t_start,
+        **totals, **strategy.metrics(server), "wall_seconds": wall_before + time.perf_counter() - t_start,
     }
     checkpoints.wait()  # the last checkpoint is on disk before the summary says "done"
     out.write_summary(summary)

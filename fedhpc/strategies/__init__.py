@@ -1,6 +1,6 @@
 """Federated LoRA methods, one module each, registered by name."""
-from . import (cluster_fedit, fedex_lora, fedit, fedsa_lora, ffa_lora, flexlora, flora, hetlora, ilora,  # noqa: F401
-               local, lora_fair)  # (registration)
+from . import (cluster_fedit, fedex_lora, fedit, fedsa_lora, ffa_lora, flexlora, flora, hetlora, hilora,  # noqa: F401
+               ilora, local, lora_fair)  # (registration)
 from .base import (Contribution, Reduced, Strategy, StrategyConfig, build_strategy, list_strategies,
                    register_strategy)
 

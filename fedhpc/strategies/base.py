@@ -9,6 +9,7 @@ A strategy never calls MPI and never loops over clients in Python. Per round it
   tensors to be gathered whole in client-id order (concatenation methods: FLoRA, ILoRA);
 - `aggregate`s: new server state from the reduced group means and the gathered rows,
   identically on every rank.
+What a round moves (`exchange`) may depend on the server state, e.g. on a method's stage.
 
 State lives in tensors, never in the strategy object (which holds only its config), so a
 checkpoint of tensors resumes any method:
@@ -29,8 +30,8 @@ from ..configtree import Selectable
 from ..models.ranks import ClientRanks
 from ..train.local import LocalHooks
 
-__all__ = ["StrategyConfig", "Strategy", "Contribution", "Reduced", "register_strategy", "build_strategy",
-           "list_strategies", "is_lora_a", "is_lora_b", "is_head"]
+__all__ = ["StrategyConfig", "Strategy", "Contribution", "Reduced", "Exchange", "Probe", "register_strategy",
+           "build_strategy", "list_strategies", "is_lora_a", "is_lora_b", "is_head"]
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
@@ -59,6 +60,10 @@ class StrategyConfig(Selectable):
     @classmethod
     def choices(cls) -> dict[str, type]:
         return {name: strategy.Config for name, strategy in STRATEGIES.items()}
+
+    def adapter_rank(self, r: int) -> int:
+        """Rank of the adapters the model is built with, for `lora.r = r` (HiLoRA stacks tiers)."""
+        return r
 
 
 @dataclass
@@ -89,6 +94,29 @@ class Reduced:
     """`[P]` client id of each gathered row."""
     gathered_weights: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     """`[P]` weight of each gathered row."""
+
+
+@dataclass
+class Exchange:
+    """What one round moves: per-client shapes the reduction averages per group (`means`) and
+    gathers whole (`gathered`), and the bytes each participant sends and receives on the
+    modelled client-server wire (float32). Bytes left None are counted from the keys the
+    strategy sends, each client's tensors at its true rank."""
+    means: dict[str, tuple[int, ...]]
+    num_groups: int
+    gathered: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+
+
+@dataclass
+class Probe:
+    """A short local training a new (unseen) client runs before its first evaluation."""
+    adapters: dict[str, torch.Tensor]
+    """Starting adapters `[C, ...]`; every key trains (the hooks mask what must not move)."""
+    hooks: LocalHooks
+    steps: int
+    """Local steps of the probe."""
 
 
 class Strategy:
@@ -187,7 +215,20 @@ class Strategy:
     def group_of(self, clients: np.ndarray) -> torch.Tensor:
         return torch.zeros(len(clients), dtype=torch.int64)
 
-    def contribute(self, trained: dict[str, torch.Tensor], clients: np.ndarray, weights: torch.Tensor) -> Contribution:
+    def exchange(self, server: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> Exchange:
+        """This round's traffic, from the server state and the model's per-client adapter shapes."""
+        return Exchange({k: self.shape_of(k, shapes) for k in self.sent_up()}, self.num_groups(),
+                        {k: self.shape_of(k, shapes) for k in self.gathered_up()})
+
+    def participants(self, server: dict[str, torch.Tensor], sampled: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Who trains this round: the sampled clients, unless a round needs everyone (HiLoRA's clustering)."""
+        return sampled
+
+    def contribute(self, trained: dict[str, torch.Tensor], clients: np.ndarray, weights: torch.Tensor, *,
+                   server: dict[str, torch.Tensor] | None = None,
+                   state: dict[str, torch.Tensor] | None = None) -> Contribution:
+        """Tensors to reduce; `server` is this round's server state, `state` the clients' state
+        after `update_clients`."""
         return Contribution({k: trained[k] for k in self.sent_up()}, weights, self.group_of(clients), self.num_groups(),
                             gathered={k: trained[k] for k in self.gathered_up()}, clients=clients)
 
@@ -210,6 +251,22 @@ class Strategy:
                      clients: np.ndarray) -> dict[str, torch.Tensor]:
         """Adapters `[C, ...]` each client is evaluated with on its local test split."""
         return self.broadcast(server, kept, clients)
+
+    # --- UNSEEN CLIENTS --------------------------------------------------------------------
+    def unseen_probe(self, server: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
+                     clients: np.ndarray) -> Probe | None:
+        """A probe training new clients run first (None: they start from `unseen_start` directly)."""
+        return None
+
+    def unseen_start(self, server: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], clients: np.ndarray,
+                     probed: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], LocalHooks]:
+        """Adapters `[C, ...]` new clients are evaluated with zero-shot and then fine-tuned from, and the
+        fine-tuning hooks; `probed` holds the probe's trained adapters (None without a probe)."""
+        return self.broadcast(server, kept, clients), self.hooks(server, kept, clients)
+
+    def metrics(self, server: dict[str, torch.Tensor]) -> dict:
+        """Method-specific numbers logged each round and in the summary (e.g. clusters found)."""
+        return {}
 
     def summary(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self.cfg).items())

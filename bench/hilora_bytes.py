@@ -1,0 +1,68 @@
+"""MPI bytes one rank sends per HiLoRA round, by aggregation mode, as its hosted clients grow.
+
+    python bench/hilora_bytes.py [configs/hilora.yaml] [--clusters 4]
+
+Builds the config's model (adapter shapes only, nothing trains), then for each of
+`product_dense`, `product_gather`, `factor_mean` and each stage pushes random contributions of
+C clients through the real `GroupReduction` on COMM_SELF and prints the bytes it reports (what
+this rank puts into the collectives). The tension: product-space aggregation either ships
+dense d_out x d_in per group (flat in C) or every client's factors (linear in C).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from fedhpc.config import load_config
+from fedhpc.experiment import adapter_lora
+from fedhpc.models.backbone import build_cohort_model
+from fedhpc.runtime.reduce import GroupReduction
+from fedhpc.strategies import build_strategy
+from fedhpc.strategies.hilora import CLUSTER, LEAF
+
+
+def sent_bytes(cfg, shapes, mode: str, stage: int, clients: int, clusters: int) -> int:
+    cfg.strategy.root_aggregation = cfg.strategy.cluster_aggregation = mode
+    strategy = build_strategy(cfg.strategy, keys=list(shapes), groups=np.arange(clients) % clusters)
+    init = {k: torch.randn(1, *s) for k, s in shapes.items()}
+    server = strategy.init_server(init)
+    server["stage_round"] += 1  # not the clustering round
+    if stage != 0:
+        for k in [k for k in server if k.endswith(("cluster_A", "cluster_B"))] + strategy.heads:
+            server[k] = server[k].expand(clusters, *server[k].shape[1:]).clone()
+        server.update(stage=torch.tensor([stage]), clusters=torch.arange(clients) % clusters)
+    ex = strategy.exchange(server, shapes)
+    reduction = GroupReduction(ex.means, ex.num_groups, ex.gathered)
+    ids = np.arange(clients)
+    trained = {k: torch.randn(clients, *s) for k, s in shapes.items()}
+    reduction.add(strategy.contribute(trained, ids, torch.ones(clients, dtype=torch.float64), server=server))
+    return reduction.finish(comm=MPI.COMM_SELF)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", nargs="?", default="configs/hilora.yaml")
+    parser.add_argument("--clusters", type=int, default=4)
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    model = build_cohort_model(cfg.model, adapter_lora(cfg), num_classes=cfg.data.planted.num_classes, seed=0)
+    shapes = model.shapes
+    r = cfg.lora.r
+    adapter = sum(r * (s[1] + shapes[k.replace("lora_A", "lora_B")][0]) for k, s in shapes.items()
+                  if k.endswith("lora_A")) * 4
+    print(f"model {cfg.model.name} {cfg.model.kwargs}; one tier's factors: {adapter:,} B (float32); "
+          f"K = {args.clusters} clusters")
+    print("| mode | stage | clients on the rank | MPI bytes sent by the rank |")
+    print("|---|---|---|---|")
+    for mode in ("product_dense", "product_gather", "factor_mean"):
+        for stage, name in ((0, "root"), (CLUSTER, "cluster"), (LEAF, "leaf")):
+            for clients in (5, 20, 80):
+                print(f"| {mode} | {name} | {clients} | "
+                      f"{sent_bytes(cfg, shapes, mode, stage, clients, args.clusters):,} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""HiLoRA: root / cluster / leaf LoRA tiers trained in cascade, clusters found in LoRA subspace.
+
+Paper: Peng et al., "HiLoRA: Hierarchical Low-Rank Adaptation for Personalized Federated
+Learning", CVPR 2026, arXiv 2603.02785. Spec: algorithms.md §3; every step marked
+[reconstructed] there is an option here. Client i's model on each adapted matrix is
+
+    W0 + s B_r A_r + s B_{c,j(i)} A_{c,j(i)} + s B_{l,i} A_{l,i}      (root, its cluster, its leaf)
+
+The tiers are stacked along the LoRA rank, A = [A_r; A_c; A_l], B = [B_r, B_c, B_l] (the model
+is built with rank 3r and scaling alpha / r), so one batched matmul computes all three and the
+merged peft export is their sum. One tier trains at a time (the others' gradients are masked):
+
+  root     <= root_rounds, or until rho = ||s B'A' - s BA||_F / ||s BA||_F <= root_tau (the round
+           after it fires is the last): ΔW = Σ_i p_i B_i A_i over all participants, rank-r
+           truncated SVD, B_r = U, A_r = Σ Vᵀ. Each client keeps an EMA of its normalised root B;
+           the last root round gathers it once and LSAC (subspace_clustering.py) assigns clusters.
+  cluster  cluster_rounds: the same rule inside each cluster; loss + γ_c ||B_rᵀ B||_F².
+  leaf     the rounds left: private, never communicated; loss + γ_c ||B_rᵀ B||² + γ_l ||B_cᵀ B||².
+
+The head follows the active tier: averaged over everyone, then inside the cluster, then private.
+A new client trains a short probe in the cluster slot on top of the root, is routed to the cluster
+whose basis is closest, is evaluated zero-leaf, then fine-tunes a leaf.
+
+How a tier's ΔW reaches every rank (`*_aggregation`): `product_dense` reduces the dense
+B_i A_i per group (bytes: groups x d_out d_in, independent of the clients); `product_gather`
+gathers every participant's factors and runs `lowrank_aggregate` (bytes grow with the
+participants); `factor_mean` averages A and B per group (groups x adapter bytes, but
+B̄Ā != mean of B_i A_i). See docs/results.md for the measured bytes of each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..kernels import lowrank_aggregate
+from ..train.local import LocalHooks
+from .base import (Contribution, Exchange, Probe, Reduced, Strategy, StrategyConfig, is_head, is_lora_a,
+                   register_strategy)
+from .subspace_clustering import cluster_clients, route
+
+ROOT, CLUSTER, LEAF = 0, 1, 2
+STAGES = ("root", "cluster", "leaf")
+Aggregation = Literal["product_dense", "product_gather", "factor_mean"]
+
+
+@dataclass(kw_only=True)
+class HiLoRAConfig(StrategyConfig):
+    root_rounds: int = 15
+    """Most rounds of the root stage (15 of 50 [3P])."""
+    cluster_rounds: int = 20
+    """Rounds of the cluster stage (20 of 50 [3P]); the leaf stage takes the rounds left."""
+    root_tau: float = 0.01
+    """Relative change of the root model that ends the root stage early [reconstructed]."""
+    ema_decay: float = 0.9
+    """λ of the EMA of each client's normalised root B [3P]."""
+    basis_source: Literal["trained_B", "update_B"] = "trained_B"
+    """What the EMA smooths: the client's trained root B [PN], or its change in the round
+    (trained minus received B) [reconstructed: the received B is shared by all clients]."""
+    k_min: int = 2
+    """Fewest clusters the eigengap may choose [3P]."""
+    k_max: int = 10
+    """Most clusters the eigengap may choose [3P] (also capped at seen clients - 1)."""
+    sigma: float = 0.0
+    """Gaussian kernel width on subspace distances; 0: their off-diagonal median [3P]."""
+    clustering_seed: int = 0
+    """random_state of scikit-learn's SpectralClustering."""
+    gamma_cluster: float = 0.1
+    """γ_c: weight of ||B_rᵀ B||_F² while training the cluster and leaf tiers [3P]."""
+    gamma_leaf: float = 0.1
+    """γ_l: weight of ||B_cᵀ B||_F² while training the leaf tier [3P]."""
+    root_aggregation: Aggregation = "product_dense"
+    """How the root ΔW is reduced over ranks (module docstring) [PN: product space + SVD]."""
+    cluster_aggregation: Aggregation = "product_dense"
+    """How each cluster's ΔW is reduced [reconstructed: same rule as the root]."""
+    probe_steps: int = 20
+    """Local steps of an unseen client's probe before routing [reconstructed]."""
+
+    def adapter_rank(self, r: int) -> int:
+        return 3 * r
+
+    def __post_init__(self):
+        if self.root_rounds < 1 or self.cluster_rounds < 0 or self.probe_steps < 1:
+            raise ValueError("root_rounds and probe_steps must be >= 1 and cluster_rounds >= 0, got "
+                             f"{self.root_rounds}, {self.probe_steps}, {self.cluster_rounds}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if min(self.gamma_cluster, self.gamma_leaf, self.root_tau) < 0:
+            raise ValueError("gamma_cluster, gamma_leaf and root_tau must be >= 0")
+        if self.keep_optimizer_state:
+            raise ValueError("keep_optimizer_state must be false: a frozen tier's optimizer moments would move it")
+
+
+class TierHooks(LocalHooks):
+    """Train one tier: mask the other tiers' A rows and B columns, penalise B's overlap with the
+    frozen tiers above it (||B_fᵀ B||_F², algorithms.md K10)."""
+
+    def __init__(self, modules: list[str], rank: int, active: int, gamma_cluster: float, gamma_leaf: float):
+        self.modules, self.r, self.active = modules, rank, active
+        self.gammas = {ROOT: gamma_cluster, CLUSTER: gamma_leaf}
+
+    def loss(self, adapters, start):
+        if self.active == ROOT:
+            return None
+        total = 0.0
+        for m in self.modules:
+            B = adapters[f"{m}.lora_B"]
+            live = B[..., _tier(self.active, self.r)]
+            for frozen in range(self.active):
+                if self.gammas[frozen]:
+                    above = B[..., _tier(frozen, self.r)].detach()
+                    total = total + self.gammas[frozen] * (above.mT @ live).square().sum((1, 2))
+        return total if torch.is_tensor(total) else None
+
+    def grads(self, grads, adapters):
+        keep = _tier(self.active, self.r)
+        for m in self.modules:
+            for key, dim in ((f"{m}.lora_A", 1), (f"{m}.lora_B", 2)):
+                if key in grads:
+                    mask = torch.zeros(grads[key].shape[dim], dtype=torch.bool, device=grads[key].device)
+                    mask[keep] = True
+                    grads[key].mul_(mask.view(-1, 1) if dim == 1 else mask)
+
+
+def _tier(tier: int, r: int) -> slice:
+    return slice(tier * r, (tier + 1) * r)
+
+
+@register_strategy("hilora")
+class HiLoRA(Strategy):
+    Config = HiLoRAConfig
+
+    def __init__(self, cfg, *, keys, groups, ranks=None):
+        super().__init__(cfg, keys=keys, groups=groups, ranks=ranks)
+        self.modules = [k[:-len(".lora_A")] for k in keys if is_lora_a(k)]
+        self.heads = [k for k in keys if is_head(k)]
+
+    # --- state -----------------------------------------------------------------------------
+    def keeps(self, key: str) -> bool:
+        return True  # the whole stack; broadcast overwrites the root and cluster tiers from the server
+
+    def client_state(self, init):
+        r = self._rank(init)
+        state = {f"{m}.ema_B": torch.zeros_like(init[f"{m}.lora_B"][..., :r]) for m in self.modules}
+        state["leaf_started"] = torch.zeros(1, dtype=torch.int64)
+        return state
+
+    def init_server(self, init, *, frozen=None):
+        r = self._rank(init)
+        server = {}
+        for m in self.modules:
+            A, B = init[f"{m}.lora_A"], init[f"{m}.lora_B"]
+            for tier, name in ((ROOT, "root"), (CLUSTER, "cluster")):
+                server[f"{m}.{name}_A"] = A[:, _tier(tier, r)].clone()
+                server[f"{m}.{name}_B"] = B[..., _tier(tier, r)].clone()
+        for h in self.heads:
+            server[h] = init[h].clone()
+            server[f"root.{h}"] = init[h].clone()
+        device = init[self.heads[0]].device
+        server.update(stage=torch.zeros(1, dtype=torch.int64, device=device),
+                      stage_round=torch.zeros(1, dtype=torch.int64, device=device),
+                      root_final=torch.zeros(1, dtype=torch.int64, device=device),
+                      root_change=torch.full((1,), float("nan"), dtype=torch.float64, device=device),
+                      clusters=torch.full((len(self.groups),), -1, dtype=torch.int64, device=device))
+        return server
+
+    def _rank(self, tensors) -> int:
+        key = f"{self.modules[0]}.lora_A"
+        if key in tensors:
+            return tensors[key].shape[-2] // 3
+        return tensors[f"{self.modules[0]}.root_A"].shape[-2]
+
+    def _stage(self, server) -> int:
+        return int(server["stage"][0])
+
+    def _num_clusters(self, server) -> int:
+        return server[f"{self.modules[0]}.cluster_B"].shape[0]
+
+    def _clustering_round(self, server) -> bool:
+        """The last root round: clients upload their EMA bases and LSAC runs after it."""
+        return self._stage(server) == ROOT and (
+            bool(server["root_final"][0]) or int(server["stage_round"][0]) + 1 >= self.cfg.root_rounds)
+
+    def _rows(self, server, clients: np.ndarray) -> torch.Tensor:
+        """Each client's cluster (its row of the cluster tier and head); all 0 before clustering."""
+        if self._stage(server) == ROOT:
+            return torch.zeros(len(clients), dtype=torch.int64, device=server["clusters"].device)
+        rows = server["clusters"][torch.tensor(np.array(clients, dtype=np.int64), device=server["clusters"].device)]
+        if bool((rows < 0).any()):
+            raise ValueError(f"clients {clients[(rows < 0).cpu().numpy()].tolist()} have no cluster "
+                             "(they missed the clustering round)")
+        return rows
+
+    # --- DOWN ------------------------------------------------------------------------------
+    def _assemble(self, server, kept, rows: torch.Tensor | None, head_rows: torch.Tensor,
+                  private_head: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stacks from the server's root, its cluster rows (None: the kept cluster slot) and the
+        kept leaf; the head from the server's `head_rows`, or kept where `private_head`."""
+        out = {}
+        for m in self.modules:
+            A, B = kept[f"{m}.lora_A"].clone(), kept[f"{m}.lora_B"].clone()
+            r = A.shape[-2] // 3
+            A[:, :r], B[..., :r] = server[f"{m}.root_A"], server[f"{m}.root_B"]
+            if rows is not None:
+                A[:, r:2 * r], B[..., r:2 * r] = server[f"{m}.cluster_A"][rows], server[f"{m}.cluster_B"][rows]
+            out[f"{m}.lora_A"], out[f"{m}.lora_B"] = A, B
+        for h, heads in head_rows.items():
+            mine = private_head.view(-1, *([1] * (heads.dim() - 1))).bool()
+            out[h] = torch.where(mine, kept[h], heads).clone()
+        return out
+
+    def broadcast(self, server, kept, clients):
+        rows = self._rows(server, clients)
+        private = kept["leaf_started"] if self._stage(server) == LEAF else torch.zeros_like(kept["leaf_started"])
+        return self._assemble(server, kept, rows, {h: server[h][rows] for h in self.heads}, private)
+
+    def participants(self, server, sampled, seen):
+        return seen if self._clustering_round(server) else sampled
+
+    # --- LOCAL -----------------------------------------------------------------------------
+    def _hooks(self, server, active: int) -> TierHooks:
+        return TierHooks(self.modules, self._rank(server), active, self.cfg.gamma_cluster, self.cfg.gamma_leaf)
+
+    def hooks(self, server, state, clients):
+        return self._hooks(server, self._stage(server))
+
+    def update_clients(self, server, trained, state, clients):
+        new = {k: trained[k] for k in self.keys}
+        stage, r, lam = self._stage(server), self._rank(server), self.cfg.ema_decay
+        if stage == ROOT:
+            for m in self.modules:
+                b = trained[f"{m}.lora_B"][..., :r]
+                if self.cfg.basis_source == "update_B":
+                    b = b - server[f"{m}.root_B"]
+                b = b / b.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+                new[f"{m}.ema_B"] = lam * state[f"{m}.ema_B"] + (1 - lam) * b
+        if stage == LEAF:
+            new["leaf_started"] = torch.ones_like(state["leaf_started"])
+        return new
+
+    # --- UP --------------------------------------------------------------------------------
+    def _mode(self, stage: int) -> str:
+        return self.cfg.root_aggregation if stage == ROOT else self.cfg.cluster_aggregation
+
+    def _tier_tensors(self, mode: str, A: dict, B: dict) -> tuple[dict, dict]:
+        """(averaged, gathered) per-client tensors or shapes of a tier, by aggregation mode.
+        `A`, `B` map module -> tensor `[C, r, d_in]` / `[C, d_out, r]`, or -> shape."""
+        if mode == "product_dense":
+            product = {f"{m}.delta": (B[m] @ A[m] if torch.is_tensor(A[m]) else (B[m][0], A[m][1]))
+                       for m in self.modules}
+            return product, {}
+        factors = {**{f"{m}.tier_A": A[m] for m in self.modules}, **{f"{m}.tier_B": B[m] for m in self.modules}}
+        return (factors, {}) if mode == "factor_mean" else ({}, factors)
+
+    def exchange(self, server, shapes):
+        stage, stage_round = self._stage(server), int(server["stage_round"][0])
+        r = shapes[f"{self.modules[0]}.lora_A"][0] // 3
+        A = {m: (r, shapes[f"{m}.lora_A"][1]) for m in self.modules}
+        B = {m: (shapes[f"{m}.lora_B"][0], r) for m in self.modules}
+        tier = sum(r * (A[m][1] + B[m][0]) for m in self.modules) * 4
+        head = sum(int(np.prod(shapes[h])) for h in self.heads) * 4
+        if stage == LEAF:  # nothing leaves a client; the final cluster tier arrives once
+            return Exchange({}, 1, bytes_up=0, bytes_down=(tier + head) if stage_round == 0 else 0)
+        means, gathered = self._tier_tensors(self._mode(stage), A, B)
+        means.update({h: shapes[h] for h in self.heads})
+        up = tier + head
+        if self._clustering_round(server):
+            gathered.update({f"{m}.ema_B": B[m] for m in self.modules})
+            up += sum(B[m][0] * r for m in self.modules) * 4
+        groups = 1 if stage == ROOT else self._num_clusters(server)
+        down = tier + head + (tier if stage == CLUSTER and stage_round == 0 else 0)  # + the final root, once
+        return Exchange(means, groups, gathered, bytes_up=up, bytes_down=down)
+
+    def contribute(self, trained, clients, weights, *, server=None, state=None):
+        stage = self._stage(server)
+        if stage == LEAF:
+            return Contribution({}, weights, torch.zeros(len(clients), dtype=torch.int64), 1, clients=clients)
+        r = self._rank(server)
+        A = {m: trained[f"{m}.lora_A"][:, _tier(stage, r)] for m in self.modules}
+        B = {m: trained[f"{m}.lora_B"][..., _tier(stage, r)] for m in self.modules}
+        means, gathered = self._tier_tensors(self._mode(stage), A, B)
+        means.update({h: trained[h] for h in self.heads})
+        if self._clustering_round(server):
+            gathered.update({f"{m}.ema_B": state[f"{m}.ema_B"] for m in self.modules})
+        groups = 1 if stage == ROOT else self._num_clusters(server)
+        return Contribution(means, weights, self._rows(server, clients).cpu(), groups, gathered=gathered,
+                            clients=clients)
+
+    # --- AGGREGATE -------------------------------------------------------------------------
+    def _aggregate_tier(self, m: str, reduced: Reduced, mode: str, groups: torch.Tensor | None, count: int,
+                        r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New (A `[G, r, d_in]`, B `[G, d_out, r]`) of module m for every group, from the reduction."""
+        if mode == "factor_mean":
+            return reduced.means[f"{m}.tier_A"], reduced.means[f"{m}.tier_B"]
+        if mode == "product_dense":
+            U, S, Vh = torch.linalg.svd(reduced.means[f"{m}.delta"].double(), full_matrices=False)
+            return (S[..., :r, None] * Vh[..., :r, :]).float(), U[..., :r].float()
+        Bs, As, w = reduced.gathered[f"{m}.tier_B"], reduced.gathered[f"{m}.tier_A"], reduced.gathered_weights
+        out_A = torch.zeros(count, r, As.shape[-1])
+        out_B = torch.zeros(count, Bs.shape[-2], r)
+        for g in range(count):  # a few clusters: each is one batched-factor SVD
+            sel = (groups == g) if groups is not None else torch.ones(len(w), dtype=torch.bool)
+            if bool(sel.any()):
+                U, S, Vh = lowrank_aggregate(Bs[sel], As[sel], w[sel] / w[sel].sum(), rank=r, method="exact")
+                out_A[g], out_B[g] = (S[:, None] * Vh).float(), U.float()
+        return out_A, out_B
+
+    def aggregate(self, server, reduced, *, round_index):
+        stage = self._stage(server)
+        new = dict(server)
+        new["stage_round"] = server["stage_round"] + 1
+        if stage == LEAF:
+            return new
+        r, name = self._rank(server), STAGES[stage]
+        count = 1 if stage == ROOT else self._num_clusters(server)
+        present = (reduced.weights > 0).to(server["stage"].device)
+        groups = None
+        if stage == CLUSTER and self._mode(stage) == "product_gather":
+            groups = server["clusters"].cpu()[reduced.gathered_clients]
+        for m in self.modules:
+            A, B = self._aggregate_tier(m, reduced, self._mode(stage), groups, count, r)
+            for key, value in ((f"{m}.{name}_A", A), (f"{m}.{name}_B", B)):
+                new[key] = torch.where(present.view(-1, 1, 1), value.to(server[key]), server[key])
+        for h in self.heads:
+            keep = present.view(-1, *([1] * (server[h].dim() - 1)))
+            new[h] = torch.where(keep, reduced.means[h].to(server[h]), server[h])
+        if stage == CLUSTER:
+            if int(new["stage_round"][0]) >= self.cfg.cluster_rounds:
+                new.update(stage=torch.full_like(server["stage"], LEAF), stage_round=torch.zeros_like(server["stage"]))
+            return new
+        for h in self.heads:
+            new[f"root.{h}"] = new[h]
+        change = self._relative_change(server, new)
+        new["root_change"] = torch.full_like(server["root_change"], change)
+        if self._clustering_round(server):
+            return self._start_cluster_stage(new, reduced)
+        if change <= self.cfg.root_tau:
+            new["root_final"] = torch.ones_like(server["root_final"])
+        return new
+
+    def _relative_change(self, old, new) -> float:
+        """||s B'A' - s BA||_F / ||s BA||_F over all matrices, through r x r Grams (s cancels)."""
+        diff = norm = 0.0
+        for m in self.modules:
+            A0, B0 = old[f"{m}.root_A"][0].double(), old[f"{m}.root_B"][0].double()
+            A1, B1 = new[f"{m}.root_A"][0].double(), new[f"{m}.root_B"][0].double()
+            X, Y = torch.cat([B1, -B0], dim=1), torch.cat([A1, A0], dim=0)
+            diff += float(torch.trace((X.mT @ X) @ (Y @ Y.mT)))
+            norm += float(torch.trace((B0.mT @ B0) @ (A0 @ A0.mT)))
+        return float(np.sqrt(max(diff, 0.0)) / (np.sqrt(norm) + 1e-12))
+
+    def _start_cluster_stage(self, new, reduced: Reduced):
+        """LSAC on the gathered EMA bases; the cluster tier and heads start from one shared init."""
+        found = cluster_clients([reduced.gathered[f"{m}.ema_B"] for m in self.modules], k_min=self.cfg.k_min,
+                                k_max=self.cfg.k_max, sigma=self.cfg.sigma, seed=self.cfg.clustering_seed)
+        clusters = torch.full_like(new["clusters"], -1)
+        clusters[reduced.gathered_clients.to(clusters.device)] = torch.as_tensor(found.labels).to(clusters)
+        k = found.count
+        for m in self.modules:
+            for key in (f"{m}.cluster_A", f"{m}.cluster_B"):
+                new[key] = new[key][:1].expand(k, *new[key].shape[1:]).clone()
+        for h in self.heads:
+            new[h] = new[h][:1].expand(k, *new[h].shape[1:]).clone()
+        next_stage = CLUSTER if self.cfg.cluster_rounds > 0 else LEAF
+        new.update(clusters=clusters, stage=torch.full_like(new["stage"], next_stage),
+                   stage_round=torch.zeros_like(new["stage"]), root_final=torch.zeros_like(new["stage"]))
+        return new
+
+    # --- EVALUATE --------------------------------------------------------------------------
+    def global_model(self, server, init):
+        """The root tier and the root head: the model every client shares."""
+        out = {}
+        for m in self.modules:
+            A, B = init[f"{m}.lora_A"].clone(), torch.zeros_like(init[f"{m}.lora_B"])
+            r = A.shape[-2] // 3
+            A[:, :r], B[..., :r] = server[f"{m}.root_A"], server[f"{m}.root_B"]
+            out[f"{m}.lora_A"], out[f"{m}.lora_B"] = A, B
+        return {**out, **{h: server[f"root.{h}"] for h in self.heads}}
+
+    def unseen_probe(self, server, kept, clients):
+        """After clustering: train the (fresh) cluster slot on top of the root, root head included."""
+        if self._stage(server) == ROOT:
+            return None
+        none = torch.zeros_like(kept["leaf_started"])
+        heads = {h: server[f"root.{h}"].expand(len(clients), *server[h].shape[1:]) for h in self.heads}
+        adapters = self._assemble(server, kept, None, heads, none)
+        return Probe(adapters, self._hooks(server, CLUSTER), self.cfg.probe_steps)
+
+    def unseen_start(self, server, kept, clients, probed):
+        """Root + the cluster whose basis is closest to the probe's (zero-leaf); fine-tunes the leaf."""
+        if probed is None:
+            return self.broadcast(server, kept, clients), self.hooks(server, kept, clients)
+        r = self._rank(server)
+        rows = route([probed[f"{m}.lora_B"][..., r:2 * r].cpu() for m in self.modules],
+                     [server[f"{m}.cluster_B"].cpu() for m in self.modules]).to(server["clusters"].device)
+        none = torch.zeros_like(kept["leaf_started"])
+        adapters = self._assemble(server, kept, rows, {h: server[h][rows] for h in self.heads}, none)
+        return adapters, self._hooks(server, LEAF)
+
+    def metrics(self, server) -> dict:
+        """Stage the next round trains, clusters found, their agreement with the true groups (ARI),
+        last relative change of the root."""
+        out = {"next_stage": STAGES[self._stage(server)], "root_change": float(server["root_change"][0])}
+        clusters = server["clusters"].cpu().numpy()
+        seen = clusters >= 0
+        out["num_clusters"] = self._num_clusters(server) if seen.any() else 0
+        if seen.any() and (self.groups[seen] >= 0).all():
+            from sklearn.metrics import adjusted_rand_score
+
+            out["cluster_ari"] = float(adjusted_rand_score(self.groups[seen], clusters[seen]))
+        return out
