@@ -14,6 +14,7 @@ from fedhpc.io.checkpoint import find_resumable, load
 from fedhpc.io.export import write_peft_adapter
 from fedhpc.models.backbone import build_backbone, build_cohort_model
 from fedhpc.models.config import LoraConfig, ModelConfig
+from fedhpc.models.ranks import mask_to_ranks
 
 
 def _peft(cfg, folder, num_classes):
@@ -51,6 +52,26 @@ def _check_exports(cfg, summary, tmp_path):
     assert accuracy == evaluated["personalized_accuracy"][evaluated["clients"].index(client)]
 
     assert main(["export", str(run_dir), "--global", "--out", str(tmp_path / "g")]) == 2  # fedsa_lora has none
+
+
+def test_heterogeneous_rank_client_with_a_folded_residual_matches_fedhpc(tmp_path):
+    """FedEx-LoRA folds an exact residual into W0 and client 0 has rank 2 of [2, 4]: the export
+    must carry both (rank cut, scaling alpha / r_k, residual as extra rank)."""
+    cfg = load_config(REPO / "configs/quickstart.yaml", TINY + [f"out_dir={tmp_path}", "strategy.name=fedex_lora",
+                                                                "lora.ranks=[2, 4]"])
+    run(cfg, comm=MPI.COMM_SELF, progress=False)
+    r = _setup(cfg, MPI.COMM_SELF)
+    client = int(next(c for c in r.data.seen if r.ranks.ranks[c] == 2))
+    assert main(["export", str(tmp_path / "quickstart"), "--client", str(client), "--out", str(tmp_path / "k")]) == 0
+    x = r.data.test_x[r.data.client_test[client]]
+    ids = np.array([client])
+    saved = load(find_resumable(tmp_path / "quickstart", comm=MPI.COMM_SELF), clients=ids, device="cpu")
+    adapters = mask_to_ranks(r.strategy.personalized(saved.server, saved.clients, ids), r.ranks.of(ids))
+    assert any(k.endswith(".base_delta") and v.abs().max() > 0 for k, v in adapters.items())
+    with torch.no_grad():
+        per_row = {k: v if k.endswith(".base_delta") else v.expand(len(x), *v.shape[1:]) for k, v in adapters.items()}
+        ours = r.model(x, per_row, scaling=r.ranks.scaling(ids).expand(len(x)))
+        torch.testing.assert_close(_peft(cfg, tmp_path / "k", r.data.num_classes)(x), ours, rtol=1e-4, atol=1e-4)
 
 
 def test_exported_global_model_matches_fedhpc(tmp_path):

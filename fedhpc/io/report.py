@@ -84,8 +84,8 @@ def write_report(paths: list[str | Path], out: str | Path) -> list[Path]:
     runs = [load_run(p, label) for p, label in zip(paths, _labels(paths))]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [_plot_rounds(runs, out / PLOTS[0]), _plot_clients(runs, out / PLOTS[1]),
-               _plot_bytes(runs, out / PLOTS[2]), _markdown(runs, out / "report.md")]
+    written = [_plot_accuracy(runs, out / PLOTS[0], against_bytes=False), _plot_clients(runs, out / PLOTS[1]),
+               _plot_accuracy(runs, out / PLOTS[2], against_bytes=True), _markdown(runs, out / "report.md")]
     written += _tensorboard(runs, out / "tensorboard")
     return written
 
@@ -104,15 +104,17 @@ def _figure(width: float = 10.0, height: float = 4.0, cols: int = 2):
     return fig, fig.subplots(1, cols, squeeze=False)[0]
 
 
-def _plot_rounds(runs: list[RunRecord], path: Path) -> Path:
+def _plot_accuracy(runs: list[RunRecord], path: Path, *, against_bytes: bool) -> Path:
+    """Global and personalized accuracy of every run, per round or per MB communicated."""
     fig, axes = _figure()
+    xlabel = "MB communicated (up + down, cumulative)" if against_bytes else "round"
     for ax, key, title in zip(axes, ("global_accuracy", "personalized_mean"),
                               ("global model", "personalized (mean over clients)")):
         for run in runs:
-            rounds, _, values = _evaluated(run, key)
+            rounds, sent, values = _evaluated(run, key)
             if values:
-                ax.plot(rounds, values, marker="o", markersize=3, label=run.label)
-        ax.set(title=title, xlabel="round", ylabel="accuracy")
+                ax.plot(sent if against_bytes else rounds, values, marker="o", markersize=3, label=run.label)
+        ax.set(title=title, xlabel=xlabel, ylabel="accuracy")
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize="small")
@@ -135,21 +137,6 @@ def _plot_clients(runs: list[RunRecord], path: Path) -> Path:
             ax.scatter([i + o for o in offsets], accs, s=8, alpha=0.5, color="tab:gray", zorder=3)
     ax.set(title="per-client personalized accuracy (latest evaluation)", ylabel="accuracy")
     ax.grid(alpha=0.3, axis="y")
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _plot_bytes(runs: list[RunRecord], path: Path) -> Path:
-    fig, axes = _figure()
-    for ax, key, title in zip(axes, ("global_accuracy", "personalized_mean"), ("global model", "personalized")):
-        for run in runs:
-            _, sent, values = _evaluated(run, key)
-            if values:
-                ax.plot(sent, values, marker="o", markersize=3, label=run.label)
-        ax.set(title=title, xlabel="MB communicated (up + down, cumulative)", ylabel="accuracy")
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
     return path
 

@@ -69,7 +69,7 @@ class FactorStrategy(Strategy):
     def gathered_up(self) -> list[str]:
         return self.lora()
 
-    def participants(self, reduced: Reduced, module: str) -> Participants:
+    def gathered_factors(self, reduced: Reduced, module: str) -> Participants:
         ranks = self.ranks.of(reduced.gathered_clients.numpy())
         Bs = reduced.gathered[f"{module}.lora_B"].double()
         As = reduced.gathered[f"{module}.lora_A"].double()

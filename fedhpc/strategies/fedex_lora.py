@@ -40,7 +40,7 @@ class FedExLoRA(FactorStrategy):
     def aggregate(self, server, reduced, *, round_index):
         new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
         for m in self.modules:
-            part = self.participants(reduced, m)
+            part = self.gathered_factors(reduced, m)
             a_mean = padded_mean(part.A, part.p, self.ranks.max, 0)
             b_mean = padded_mean(part.B, part.p, self.ranks.max, 1)
             Bc, Ac = weighted_factors(part, part.p * part.s)

@@ -44,7 +44,7 @@ class FlexLoRA(FactorStrategy):
     def aggregate(self, server, reduced, *, round_index):
         new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
         for m in self.modules:
-            part = self.participants(reduced, m)
+            part = self.gathered_factors(reduced, m)
             B, A = svd_factors(part, part.p * part.s, self.ranks.max, self.cfg.svd_method)
             new[f"{m}.lora_B"] = self.store(B, server[f"{m}.lora_B"])
             new[f"{m}.lora_A"] = self.store(A, server[f"{m}.lora_A"])

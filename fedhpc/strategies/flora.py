@@ -44,7 +44,7 @@ class FLoRA(FactorStrategy):
     def aggregate(self, server, reduced, *, round_index):
         new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
         for index, m in enumerate(self.modules):
-            part = self.participants(reduced, m)
+            part = self.gathered_factors(reduced, m)
             Bc, Ac = weighted_factors(part, part.p * part.s)
             key = base_delta_key(m)
             new[key] = server[key] + (Bc @ Ac).unsqueeze(0).to(server[key].dtype)

@@ -97,7 +97,7 @@ class HetLoRA(FactorStrategy):
 
     def aggregate(self, server, reduced, *, round_index):
         new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
-        parts = {m: self.participants(reduced, m) for m in self.modules}
+        parts = {m: self.gathered_factors(reduced, m) for m in self.modules}
         squares = sum(torch.stack([(b @ a).square().sum() for b, a in zip(p.B, p.A)]) for p in parts.values())
         norms = squares.sqrt()
         weights = norms / norms.sum() if norms.sum() > 0 else next(iter(parts.values())).p

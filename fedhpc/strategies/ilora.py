@@ -168,7 +168,7 @@ class ILoRA(FactorStrategy):
     def aggregate(self, server, reduced, *, round_index):
         new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
         for m in self.modules:
-            part = self.participants(reduced, m)
+            part = self.gathered_factors(reduced, m)
             weights = part.p * part.s if self.cfg.scale_across_ranks else part.p
             if self.cfg.aggregation == "qr":
                 B, A = qr_factors(part, weights, self.ranks.max)

@@ -47,7 +47,7 @@ class LoRAFAIR(FactorStrategy):
         new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
         r_max = self.ranks.max
         for m in self.modules:
-            part = self.participants(reduced, m)
+            part = self.gathered_factors(reduced, m)
             a_mean = padded_mean(part.A, part.p, r_max, 0)
             b_mean = padded_mean(part.B, part.p, r_max, 1)
             weights = part.p * part.s / self.ranks.max_scaling if self.cfg.scale_across_ranks else part.p
