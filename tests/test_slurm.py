@@ -95,11 +95,15 @@ def _job(env, job: str) -> dict:
 
 def _run_to_end(env, job: str) -> dict:
     """Wait for the job to end; Slurm holds a requeued job for about two minutes (Reason=BeginTime),
-    so release it at once."""
+    so release it early, but only once the node has finished the previous start and a couple of
+    seconds have passed: a restart within the second of the requeue meets slurmd's revocation of
+    the old start's credential ("Job credential revoked") and fails."""
     def ended():
         info = _job(env, job)
         if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-            _slurm(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+            if _slurm(env, "sinfo", "-h", "-o", "%T").stdout.strip() == "idle":
+                time.sleep(2)
+                _slurm(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
         return info["JobState"] in TERMINAL
 
     _wait_for(ended, f"job {job} to end")
