@@ -2,9 +2,9 @@
 
     python bench/hilora_table.py RUN_DIR...        # e.g. runs/hilora runs/fedit ...
 
-A stopgap until `fedhpc report` lands: one row per run (personalized mean / p10, unseen accuracy
-zero-shot and fine-tuned, ARI, bytes), then for HiLoRA runs the personalized mean at the end of
-each stage (the tier ablation) and the MPI bytes per rank per round in each stage.
+What `fedhpc report` does not show for HiLoRA: one row per run with the clustering ARI and the
+MPI bytes per rank per round, then for HiLoRA runs the personalized mean at the end of each
+stage (the tier ablation) and the MPI bytes per rank per round in each stage.
 """
 from __future__ import annotations
 
