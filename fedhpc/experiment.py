@@ -185,6 +185,7 @@ def _unseen(r: _Run, server) -> tuple[float, float]:
                         client_indices=train_ix, seed=cfg.seed, round_index=cfg.rounds + 2, cfg=probe_cfg,
                         hooks=probe.hooks)
         adapters, hooks = r.strategy.unseen_start(server, kept, run_ids, probed)
+        adapters = mask_to_ranks(adapters, r.ranks.of(run_ids))  # as `_start` does for seen clients
         test = [data.client_test[c] for c in run_ids]
         scaling = _scaling(r, run_ids)
         zero.append(client_accuracy(r.model, adapters, x=data.test_x, y=data.test_y, indices=test,
