@@ -123,7 +123,6 @@ class Strategy:
     """Base of every method: FedIT's behaviour where a method does not say otherwise."""
 
     Config = StrategyConfig
-    kept_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray, ranks: ClientRanks | None = None):
         self.cfg = cfg
