@@ -9,7 +9,7 @@ from mpi4py import MPI
 from fedhpc.runtime.world import check_launch, make_world
 
 SLURM_VARS = ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_PROCID",
-              "SLURM_CPUS_PER_TASK")
+              "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")  # the last is not Slurm's, but decides threads too
 
 
 @pytest.fixture
@@ -83,10 +83,13 @@ def test_stale_localid_outside_a_matching_step_is_ignored(slurm_env, four_gpus, 
     assert make_world(MPI.COMM_SELF, num_clients=4).device == torch.device("cuda", 0)
 
 
-def test_torch_threads_follow_cpus_per_task(slurm_env, keep_threads):
+def test_torch_threads_follow_omp_num_threads_then_cpus_per_task(slurm_env, keep_threads):
     slurm_env(SLURM_CPUS_PER_TASK=3)
     make_world(MPI.COMM_SELF, num_clients=4)
     assert torch.get_num_threads() == 3
     os.environ.pop("SLURM_CPUS_PER_TASK")
     make_world(MPI.COMM_SELF, num_clients=4)  # one rank on this node: every core
     assert torch.get_num_threads() == max(1, os.cpu_count())
+    slurm_env(SLURM_CPUS_PER_TASK=3, OMP_NUM_THREADS=1)  # the user's explicit choice wins
+    make_world(MPI.COMM_SELF, num_clients=4)
+    assert torch.get_num_threads() == 1

@@ -96,7 +96,9 @@ def make_world(comm, *, num_clients: int, device: str = "auto") -> World:
     if size > num_clients:
         raise ValueError(f"{size} MPI ranks but only {num_clients} clients: use at most {num_clients} ranks")
     local_index, local_size = local_rank(comm)
-    threads = os.environ.get("SLURM_CPUS_PER_TASK")
+    # An explicit OMP_NUM_THREADS wins (two runs side by side each asked for 1: taking every
+    # core instead oversubscribes them, and OpenMP's spinning workers then slow both ~10x).
+    threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
     torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // local_size))
     dev = _device(local_index) if device == "auto" else torch.device(device)
     start, stop = block_range(num_clients, size, rank)
