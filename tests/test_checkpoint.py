@@ -56,7 +56,7 @@ def _global_rng_states():
 
 # HiLoRA keeps no optimizer state (a frozen tier's moments would move it); its resume crosses
 # from the root stage (clustering at its end) into the cluster stage.
-OPTIONS = {"hilora": ["strategy.root_rounds=1", "strategy.cluster_rounds=1"]}
+OPTIONS = {"hilora": ["strategy.root_rounds=1", "strategy.cluster_rounds=1", "strategy.basis_source=update_product"]}
 
 
 @pytest.mark.parametrize("strategy", list_strategies())

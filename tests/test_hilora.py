@@ -161,14 +161,28 @@ def test_cluster_reduction_over_three_ranks_equals_a_float64_reference(mode):
         assert sent[0] > sent[2]  # rank 0 hosts 4 clients, rank 2 hosts 3
 
 
-def test_last_root_round_gathers_everyone_and_clusters_them():
+@pytest.mark.parametrize("statistic", ["trained_B", "update_product"])
+def test_last_root_round_gathers_everyone_and_clusters_them(statistic):
     g = torch.Generator().manual_seed(3)
     groups = np.array([0, 1, 0, 1, 1, 0])
-    s = _make(groups, root_rounds=1, k_max=3)
+    options = {"basis_source": "update_product", "similarity": "cosine"} if statistic == "update_product" else {}
+    s = _make(groups, root_rounds=1, k_max=3, **options)
     server = s.init_server(_init(g))
     assert s.participants(server, np.array([1, 4]), np.arange(6)).tolist() == list(range(6))
     rng = np.random.default_rng(0)
-    state = {f"{m}.ema_B": b.float() for m, b in zip(("m", "n"), _planted_bases(rng, groups, (6, 7), R, 0.05))}
+    if statistic == "trained_B":
+        state = {f"{m}.ema_B": b.float() for m, b in zip(("m", "n"), _planted_bases(rng, groups, (6, 7), R, 0.05))}
+    else:  # product statistics: each cluster's clients share B ≈ U_c, A ≈ V_c (rank 2R)
+        state = {}
+        for m, (p, d) in (("m", (6, 5)), ("n", (7, 4))):
+            U, V = rng.standard_normal((2, p, 2 * R)), rng.standard_normal((2, 2 * R, d))
+            state[f"{m}.ema_B"] = torch.tensor(U[groups] + 0.05 * rng.standard_normal((6, p, 2 * R))).float()
+            state[f"{m}.ema_A"] = torch.tensor(V[groups] + 0.05 * rng.standard_normal((6, 2 * R, d))).float()
+    ex = s.exchange(server, SHAPES)
+    assert set(ex.gathered) == {k for k in state}
+    tier_bytes = sum(SHAPES[f"{m}.lora_A"][1] * R + SHAPES[f"{m}.lora_B"][0] * R for m in ("m", "n")) * 4
+    head_bytes = (3 * 4 + 3) * 4
+    assert ex.bytes_up == tier_bytes + head_bytes + sum(v[0].numel() for v in state.values()) * 4
     new, _ = _round(s, server, _random(6, g), np.arange(6), torch.ones(6, dtype=torch.float64), state)
     assert int(new["stage"][0]) == CLUSTER and new["m.cluster_B"].shape[0] == 2
     assert adjusted_rand_score(groups, new["clusters"].numpy()) == 1.0
@@ -260,7 +274,7 @@ def test_keep_optimizer_state_is_a_config_error():
 
 
 HILORA_TINY = ["strategy.name=hilora", "rounds=4", "strategy.root_rounds=1", "strategy.cluster_rounds=2",
-               "strategy.probe_steps=3", "sampling.fraction=0.7", "train.clients_per_pass=2", "--quiet"]
+               "strategy.probe_steps=3", "strategy.basis_source=update_product", "strategy.similarity=cosine", "sampling.fraction=0.7", "train.clients_per_pass=2", "--quiet"]
 
 
 def test_rank_count_changes_nothing_and_leaf_rounds_move_no_adapter(tmp_path):

@@ -93,3 +93,24 @@ def test_local_steps_cycle_through_data_with_a_keyed_order():
     assert len(a) == 5 and all(len(x) == 4 for x in a)
     assert all((p == q).all() for p, q in zip(a, b))
     assert any((p != q).any() for p, q in zip(a, c))
+
+
+@pytest.mark.parametrize("opt_cfg", [OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1),
+                                     OptimConfig(name="sgd", lr=5e-2, momentum=0.9, weight_decay=0.1)],
+                         ids=["adamw", "sgd-momentum"])
+def test_lr_scale_steps_like_torch_at_the_scaled_rate(opt_cfg):
+    g = torch.Generator().manual_seed(5)
+    p0, grads = torch.randn(3, 4, 5, generator=g), [torch.randn(3, 4, 5, generator=g) for _ in range(3)]
+    opt = StackedOptimizer(opt_cfg)
+    params = {"w": p0.clone()}
+    state = opt.init_state(params)
+    ref = p0.clone().requires_grad_(True)
+    lr = opt_cfg.lr * 0.1
+    torch_opt = (torch.optim.AdamW([ref], lr=lr, betas=opt_cfg.betas, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+                 if opt_cfg.name == "adamw" else
+                 torch.optim.SGD([ref], lr=lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay))
+    for grad in grads:
+        opt.step(params, {"w": grad.clone()}, state, lr_scale=0.1)
+        ref.grad = grad.clone()
+        torch_opt.step()
+    torch.testing.assert_close(params["w"], ref.detach())

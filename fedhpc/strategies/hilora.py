@@ -12,7 +12,8 @@ merged peft export is their sum. One tier trains at a time (the others' gradient
 
   root     <= root_rounds, or until rho = ||s B'A' - s BA||_F / ||s BA||_F <= root_tau (the round
            after it fires is the last): ΔW = Σ_i p_i B_i A_i over all participants, rank-r
-           truncated SVD, B_r = U, A_r = Σ Vᵀ. Each client keeps an EMA of its normalised root B;
+           truncated SVD, B_r = U, A_r = Σ Vᵀ. Each client keeps an EMA statistic of its root
+           rounds (`basis_source`: its normalised trained B [PN], or its change of B or of B A);
            the last root round gathers it once and LSAC (subspace_clustering.py) assigns clusters.
   cluster  cluster_rounds: the same rule inside each cluster; loss + γ_c ||B_rᵀ B||_F².
   leaf     the rounds left: private, never communicated; loss + γ_c ||B_rᵀ B||² + γ_l ||B_cᵀ B||².
@@ -39,7 +40,7 @@ from ..kernels import lowrank_aggregate
 from ..train.local import LocalHooks
 from .base import (Contribution, Exchange, Probe, Reduced, Strategy, StrategyConfig, is_head, is_lora_a,
                    register_strategy)
-from .subspace_clustering import cluster_clients, route
+from .subspace_clustering import Similarity, Source, Statistic, client_statistic, cluster_clients, route
 
 ROOT, CLUSTER, LEAF = 0, 1, 2
 STAGES = ("root", "cluster", "leaf")
@@ -56,15 +57,24 @@ class HiLoRAConfig(StrategyConfig):
     """Relative change of the root model that ends the root stage early [reconstructed]."""
     ema_decay: float = 0.9
     """λ of the EMA of each client's normalised root B [3P]."""
-    basis_source: Literal["trained_B", "update_B"] = "trained_B"
-    """What the EMA smooths: the client's trained root B [PN], or its change in the round
-    (trained minus received B) [reconstructed: the received B is shared by all clients]."""
+    basis_source: Source = "trained_B"
+    """What the EMA smooths: the client's trained root B [PN], its change in the round (trained
+    minus received B), or the change of its product B A [reconstructed, both: the received root
+    is shared by all clients, so only the change carries the client's own direction]."""
+    similarity: Similarity = "subspace"
+    """How two clients' statistics are compared: principal angles of their column spaces [PN],
+    or the signed cosine of the statistics (of the products for `update_product`) [reconstructed]."""
     k_min: int = 2
     """Fewest clusters the eigengap may choose [3P]."""
     k_max: int = 10
     """Most clusters the eigengap may choose [3P] (also capped at seen clients - 1)."""
     sigma: float = 0.0
-    """Gaussian kernel width on subspace distances; 0: their off-diagonal median [3P]."""
+    """Gaussian kernel width on subspace distances; 0: `sigma_scale` x their off-diagonal median [3P]."""
+    sigma_scale: float = 1.0
+    """Multiplies the median when `sigma` is 0 (1: the median itself [3P]; below 1 sharpens)."""
+    affinity_neighbors: int = 0
+    """k > 0: keep affinities only on the symmetric k-nearest-neighbour graph; 0: the dense
+    kernel [3P]. See subspace_clustering.gaussian_affinity and docs/results.md (HiLoRA)."""
     clustering_seed: int = 0
     """random_state of scikit-learn's SpectralClustering."""
     gamma_cluster: float = 0.1
@@ -75,6 +85,12 @@ class HiLoRAConfig(StrategyConfig):
     """How the root ΔW is reduced over ranks (module docstring) [PN: product space + SVD]."""
     cluster_aggregation: Aggregation = "product_dense"
     """How each cluster's ΔW is reduced [reconstructed: same rule as the root]."""
+    leaf_lr_scale: float = 1.0
+    """Learning rate of the leaf stage relative to train.optimizer.lr [reconstructed: the leaf
+    fine-tunes on one client's data alone, where a full step overfits]."""
+    leaf_trains_head: bool = True
+    """Whether the leaf stage also trains the client's (then private) head, or only the leaf
+    LoRA on top of the cluster's head [reconstructed: the notes' leaf objective names only B, A]."""
     probe_steps: int = 20
     """Local steps of an unseen client's probe before routing [reconstructed]."""
 
@@ -87,10 +103,12 @@ class HiLoRAConfig(StrategyConfig):
                              f"{self.root_rounds}, {self.probe_steps}, {self.cluster_rounds}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sigma_scale <= 0 or self.leaf_lr_scale <= 0:
+            raise ValueError(f"sigma_scale and leaf_lr_scale must be > 0, got {self.sigma_scale}, {self.leaf_lr_scale}")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
-        if min(self.gamma_cluster, self.gamma_leaf, self.root_tau) < 0:
-            raise ValueError("gamma_cluster, gamma_leaf and root_tau must be >= 0")
+        if min(self.gamma_cluster, self.gamma_leaf, self.root_tau, self.affinity_neighbors) < 0:
+            raise ValueError("gamma_cluster, gamma_leaf, root_tau and affinity_neighbors must be >= 0")
         if self.keep_optimizer_state:
             raise ValueError("keep_optimizer_state must be false: a frozen tier's optimizer moments would move it")
 
@@ -99,8 +117,10 @@ class TierHooks(LocalHooks):
     """Train one tier: mask the other tiers' A rows and B columns, penalise B's overlap with the
     frozen tiers above it (||B_fᵀ B||_F², algorithms.md K10)."""
 
-    def __init__(self, modules: list[str], rank: int, active: int, gamma_cluster: float, gamma_leaf: float):
-        self.modules, self.r, self.active = modules, rank, active
+    def __init__(self, modules: list[str], rank: int, active: int, gamma_cluster: float, gamma_leaf: float,
+                 train_head: bool = True, lr_scale: float = 1.0):
+        self.modules, self.r, self.active, self.train_head = modules, rank, active, train_head
+        self.lr_scale = lr_scale
         self.gammas = {ROOT: gamma_cluster, CLUSTER: gamma_leaf}
 
     def loss(self, adapters, start):
@@ -117,6 +137,10 @@ class TierHooks(LocalHooks):
         return total if torch.is_tensor(total) else None
 
     def grads(self, grads, adapters):
+        if not self.train_head:
+            for key in grads:
+                if is_head(key):
+                    grads[key].zero_()
         keep = _tier(self.active, self.r)
         for m in self.modules:
             for key, dim in ((f"{m}.lora_A", 1), (f"{m}.lora_B", 2)):
@@ -145,7 +169,11 @@ class HiLoRA(Strategy):
 
     def client_state(self, init):
         r = self._rank(init)
-        state = {f"{m}.ema_B": torch.zeros_like(init[f"{m}.lora_B"][..., :r]) for m in self.modules}
+        product = self.cfg.basis_source == "update_product"
+        state = {f"{m}.ema_B": torch.zeros_like(init[f"{m}.lora_B"][..., :2 * r if product else r])
+                 for m in self.modules}
+        if product:
+            state.update({f"{m}.ema_A": torch.zeros_like(init[f"{m}.lora_A"][:, :2 * r]) for m in self.modules})
         state["leaf_started"] = torch.zeros(1, dtype=torch.int64)
         return state
 
@@ -173,6 +201,10 @@ class HiLoRA(Strategy):
         if key in tensors:
             return tensors[key].shape[-2] // 3
         return tensors[f"{self.modules[0]}.root_A"].shape[-2]
+
+    def _statistic(self, tensors, m: str) -> Statistic:
+        """Module m's clustering statistic from client state or the gathered rows."""
+        return Statistic(tensors[f"{m}.ema_B"], tensors.get(f"{m}.ema_A"))
 
     def _stage(self, server) -> int:
         return int(server["stage"][0])
@@ -223,7 +255,9 @@ class HiLoRA(Strategy):
 
     # --- LOCAL -----------------------------------------------------------------------------
     def _hooks(self, server, active: int) -> TierHooks:
-        return TierHooks(self.modules, self._rank(server), active, self.cfg.gamma_cluster, self.cfg.gamma_leaf)
+        return TierHooks(self.modules, self._rank(server), active, self.cfg.gamma_cluster, self.cfg.gamma_leaf,
+                         train_head=active != LEAF or self.cfg.leaf_trains_head,
+                         lr_scale=self.cfg.leaf_lr_scale if active == LEAF else 1.0)
 
     def hooks(self, server, state, clients):
         return self._hooks(server, self._stage(server))
@@ -233,11 +267,12 @@ class HiLoRA(Strategy):
         stage, r, lam = self._stage(server), self._rank(server), self.cfg.ema_decay
         if stage == ROOT:
             for m in self.modules:
-                b = trained[f"{m}.lora_B"][..., :r]
-                if self.cfg.basis_source == "update_B":
-                    b = b - server[f"{m}.root_B"]
-                b = b / b.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-                new[f"{m}.ema_B"] = lam * state[f"{m}.ema_B"] + (1 - lam) * b
+                stat = client_statistic(self.cfg.basis_source, self._statistic(state, m), lam,
+                                        trained[f"{m}.lora_B"][..., :r], trained[f"{m}.lora_A"][:, :r],
+                                        server[f"{m}.root_B"], server[f"{m}.root_A"])
+                new[f"{m}.ema_B"] = stat.B
+                if stat.A is not None:
+                    new[f"{m}.ema_A"] = stat.A
         if stage == LEAF:
             new["leaf_started"] = torch.ones_like(state["leaf_started"])
         return new
@@ -269,8 +304,11 @@ class HiLoRA(Strategy):
         means.update({h: shapes[h] for h in self.heads})
         up = tier + head
         if self._clustering_round(server):
-            gathered.update({f"{m}.ema_B": B[m] for m in self.modules})
-            up += sum(B[m][0] * r for m in self.modules) * 4
+            q = 2 * r if self.cfg.basis_source == "update_product" else r
+            gathered.update({f"{m}.ema_B": (B[m][0], q) for m in self.modules})
+            if q != r:
+                gathered.update({f"{m}.ema_A": (q, A[m][1]) for m in self.modules})
+            up += sum(int(np.prod(shape)) for key, shape in gathered.items() if ".ema_" in key) * 4
         groups = 1 if stage == ROOT else self._num_clusters(server)
         down = tier + head + (tier if stage == CLUSTER and stage_round == 0 else 0)  # + the final root, once
         return Exchange(means, groups, gathered, bytes_up=up, bytes_down=down)
@@ -285,7 +323,7 @@ class HiLoRA(Strategy):
         means, gathered = self._tier_tensors(self._mode(stage), A, B)
         means.update({h: trained[h] for h in self.heads})
         if self._clustering_round(server):
-            gathered.update({f"{m}.ema_B": state[f"{m}.ema_B"] for m in self.modules})
+            gathered.update({k: v for k, v in state.items() if ".ema_" in k})
         groups = 1 if stage == ROOT else self._num_clusters(server)
         return Contribution(means, weights, self._rows(server, clients).cpu(), groups, gathered=gathered,
                             clients=clients)
@@ -355,8 +393,10 @@ class HiLoRA(Strategy):
 
     def _start_cluster_stage(self, new, reduced: Reduced):
         """LSAC on the gathered EMA bases; the cluster tier and heads start from one shared init."""
-        found = cluster_clients([reduced.gathered[f"{m}.ema_B"] for m in self.modules], k_min=self.cfg.k_min,
-                                k_max=self.cfg.k_max, sigma=self.cfg.sigma, seed=self.cfg.clustering_seed)
+        found = cluster_clients([self._statistic(reduced.gathered, m) for m in self.modules], k_min=self.cfg.k_min,
+                                k_max=self.cfg.k_max, similarity=self.cfg.similarity, sigma=self.cfg.sigma,
+                                sigma_scale=self.cfg.sigma_scale,
+                                neighbors=self.cfg.affinity_neighbors, seed=self.cfg.clustering_seed)
         clusters = torch.full_like(new["clusters"], -1)
         clusters[reduced.gathered_clients.to(clusters.device)] = torch.as_tensor(found.labels).to(clusters)
         k = found.count

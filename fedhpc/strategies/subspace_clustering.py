@@ -4,10 +4,18 @@ HiLoRA (algorithms.md §3.3, Appendix B). Per client i and adapted matrix m, U_i
 orthonormal basis of the client's (EMA-smoothed) B; then
 
     d_ij = mean_m [1 - ||U_i^mᵀ U_j^m||_F² / r]          (1 - mean cos² of the principal angles)
-    S_ij = exp(-d_ij² / (2 σ²))                          (σ: median off-diagonal d_ij unless given)
+    S_ij = exp(-d_ij² / (2 σ²))                          (σ: `sigma_scale` x median off-diagonal d_ij unless given)
+           kept only between k nearest neighbours when `neighbors` = k > 0
     L    = I - D^-1/2 S D^-1/2 ,  eigenvalues μ_1 <= μ_2 <= ...
     K*   = argmax_{K in [k_min, k_max]} (μ_{K+1} - μ_K)   (eigengap)
     j(i) = SpectralClustering(K*, affinity=S)
+
+`similarity="cosine"` replaces the principal angles by the signed cosine of the statistics
+themselves, d_ij = 1 - mean_m <E_i^m, E_j^m>_F / (||E_i^m|| ||E_j^m||), where E is B or, for
+the `update_product` statistic, the low-rank product B A (computed through r x r Grams).
+
+What each client contributes (`client_statistic`): an EMA over the root rounds of its trained
+B [PN], of its change of B, or of its change of the product B A (kept as rank-2r factors).
 
 A new client is routed to the cluster whose basis is most similar to its probe's basis.
 Pure functions of tensors, the same on every rank for the same input.
@@ -15,14 +23,18 @@ Pure functions of tensors, the same on every rank for the same input.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from ..kernels import orthonormalize, subspace_similarity
+from ..kernels import lowrank_aggregate, orthonormalize, subspace_similarity
 
-__all__ = ["Clustering", "bases", "subspace_distance", "gaussian_affinity", "eigengap_count", "cluster_clients",
-           "route"]
+__all__ = ["Clustering", "Statistic", "client_statistic", "bases", "subspace_distance", "cosine_distance",
+           "gaussian_affinity", "eigengap_count", "cluster_clients", "route"]
+
+Source = Literal["trained_B", "update_B", "update_product"]
+Similarity = Literal["subspace", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,42 @@ class Clustering:
     """`[N, N]` subspace distances d_ij."""
     affinity: np.ndarray
     """`[N, N]` Gaussian affinities S_ij."""
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One client's EMA statistic on one adapted matrix, batched over clients."""
+    B: torch.Tensor
+    """`[C, p, q]`: the EMA of B (q = r), or the left factor of the EMA product (q = 2r)."""
+    A: torch.Tensor | None = None
+    """`[C, q, d_in]`: the right factor of the EMA product; None for B statistics."""
+
+
+def _frobenius(B: torch.Tensor, A: torch.Tensor | None) -> torch.Tensor:
+    """`[C]` ||B A||_F (or ||B||_F) through q x q Grams, never forming B A."""
+    if A is None:
+        return B.flatten(1).norm(dim=1)
+    gram = (B.mT @ B) * (A @ A.mT).mT
+    return gram.sum((1, 2)).clamp_min(0).sqrt()
+
+
+def client_statistic(source: Source, ema: Statistic, decay: float, trained_B: torch.Tensor,
+                     trained_A: torch.Tensor, root_B: torch.Tensor, root_A: torch.Tensor) -> Statistic:
+    """EMA step `decay * ema + (1 - decay) * x / ||x||_F` after one root round, where x is the
+    trained B [PN], its change B' - B_r, or the change of the product B'A' - B_r A_r. The product
+    EMA stays a rank-2r factor pair: the sum is truncated by `lowrank_aggregate` (exact)."""
+    if source != "update_product":
+        x = trained_B - root_B if source == "update_B" else trained_B
+        return Statistic(decay * ema.B + (1 - decay) * x / _frobenius(x, None).clamp_min(1e-12).view(-1, 1, 1))
+    r = trained_B.shape[-1]
+    root_B, root_A = root_B.expand_as(trained_B), root_A.expand_as(trained_A)
+    scale = (1 - decay) / _frobenius(torch.cat([trained_B, -root_B], -1),
+                                     torch.cat([trained_A, root_A], -2)).clamp_min(1e-12).view(-1, 1, 1)
+    Bs = torch.stack([decay * ema.B[..., :r], decay * ema.B[..., r:], scale * trained_B, -scale * root_B], 1)
+    As = torch.stack([ema.A[:, :r], ema.A[:, r:], trained_A, root_A], 1)
+    U, S, Vh = lowrank_aggregate(Bs.double(), As.double(), torch.ones(4, dtype=torch.float64), rank=2 * r,
+                                 method="exact")
+    return Statistic((U * S[:, None, :]).to(ema.B.dtype), Vh.to(ema.A.dtype))
 
 
 def bases(B: torch.Tensor) -> torch.Tensor:
@@ -50,13 +98,52 @@ def subspace_distance(per_matrix: list[torch.Tensor]) -> np.ndarray:
     return d
 
 
-def gaussian_affinity(d: np.ndarray, sigma: float = 0.0) -> np.ndarray:
-    """S = exp(-d² / 2σ²); σ <= 0 takes the median off-diagonal distance (1 if all are 0)."""
+def _inner_products(stat: Statistic, block: int = 64) -> torch.Tensor:
+    """`[N, N]` <E_i, E_j>_F in float64, `block` rows at a time (the Grams are [block, N, q, q])."""
+    B = stat.B.double()
+    A = None if stat.A is None else stat.A.double()
+    rows = []
+    for lo in range(0, len(B), block):
+        gram = torch.einsum("ipq,jps->ijqs", B[lo:lo + block], B)
+        if A is None:
+            rows.append(gram.diagonal(dim1=2, dim2=3).sum(-1))
+        else:
+            rows.append((gram * torch.einsum("iqd,jsd->ijqs", A[lo:lo + block], A)).sum((2, 3)))
+    return torch.cat(rows)
+
+
+def cosine_distance(per_matrix: list[Statistic]) -> np.ndarray:
+    """d_ij = 1 - mean over matrices of the cosine of E_i and E_j (E = B, or B A through Grams)."""
+    cosines = []
+    for stat in per_matrix:
+        inner = _inner_products(stat)
+        norms = inner.diagonal().clamp_min(0).sqrt()
+        cosines.append(inner / (norms[:, None] * norms[None, :]).clamp_min(1e-300))
+    d = (1.0 - torch.stack(cosines).mean(0)).clamp_min(0.0).numpy()
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def gaussian_affinity(d: np.ndarray, sigma: float = 0.0, neighbors: int = 0, sigma_scale: float = 1.0) -> np.ndarray:
+    """S = exp(-d² / 2σ²); σ <= 0 takes `sigma_scale` x the median off-diagonal distance (1 if all are 0).
+    With most pairs in different clusters the median is an across-cluster distance, so at scale 1
+    a within-cluster pair is barely closer than the rest; a scale below 1 sharpens the contrast.
+
+    `neighbors` = k > 0 keeps S_ij only where j is among i's k nearest clients or i among j's
+    (the symmetric k-nearest-neighbour graph). With noisy bases every distance sits near the
+    median, the dense kernel is nearly flat and its eigengap sees no clusters; the k-NN graph
+    keeps only the within-cluster edges that stand out."""
     if sigma <= 0:
         off = d[~np.eye(len(d), dtype=bool)]
         off = off[off > 0]
-        sigma = float(np.median(off)) if off.size else 1.0
-    return np.exp(-np.square(d) / (2.0 * sigma ** 2))
+        sigma = sigma_scale * float(np.median(off)) if off.size else 1.0
+    S = np.exp(-np.square(d) / (2.0 * sigma ** 2))
+    if 0 < neighbors < len(d) - 1:
+        ranked = np.argsort(d + np.diag(np.full(len(d), np.inf)), axis=1, kind="stable")[:, :neighbors]
+        near = np.zeros(d.shape, dtype=bool)
+        np.put_along_axis(near, ranked, True, axis=1)
+        S = np.where(near | near.T | np.eye(len(d), dtype=bool), S, 0.0)
+    return S
 
 
 def eigengap_count(S: np.ndarray, k_min: int, k_max: int) -> int:
@@ -80,13 +167,17 @@ def _first_appearance(labels: np.ndarray) -> np.ndarray:
     return remap[labels]
 
 
-def cluster_clients(per_matrix_B: list[torch.Tensor], *, k_min: int, k_max: int, sigma: float = 0.0,
-                    seed: int = 0) -> Clustering:
-    """LSAC on each client's B, given per adapted matrix as `[N, p_m, r]` (rows: clients)."""
+def cluster_clients(per_matrix: list[Statistic], *, k_min: int, k_max: int, similarity: Similarity = "subspace",
+                    sigma: float = 0.0, sigma_scale: float = 1.0, neighbors: int = 0, seed: int = 0) -> Clustering:
+    """LSAC on each client's statistic, given per adapted matrix with clients as rows. The
+    subspace similarity compares the column spaces of the statistics' B."""
     from sklearn.cluster import SpectralClustering
 
-    d = subspace_distance([bases(B) for B in per_matrix_B])
-    S = gaussian_affinity(d, sigma)
+    if similarity == "cosine":
+        d = cosine_distance(per_matrix)
+    else:
+        d = subspace_distance([bases(stat.B) for stat in per_matrix])
+    S = gaussian_affinity(d, sigma, neighbors, sigma_scale)
     count = eigengap_count(S, k_min, k_max)
     if count == 1:
         labels = np.zeros(len(d), dtype=np.int64)

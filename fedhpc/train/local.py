@@ -57,6 +57,9 @@ class TrainConfig:
 class LocalHooks:
     """What a strategy adds to local training; the defaults add nothing."""
 
+    lr_scale: float = 1.0
+    """Multiplies the configured learning rate (e.g. a stage that fine-tunes gently)."""
+
     def loss(self, adapters: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Extra per-client loss `[C]` (e.g. a proximal or orthogonality term)."""
         return None
@@ -164,7 +167,7 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
         if cfg.max_grad_norm > 0:
             clip_per_client(list(grads.values()), cfg.max_grad_norm)
         active_t = torch.from_numpy(active).to(device)
-        optimizer.step(adapters, grads, opt_state, active_t)
+        optimizer.step(adapters, grads, opt_state, active_t, lr_scale=hooks.lr_scale)
         hooks.stepped(active_t)
         loss_sum += per_client.detach().double() * active_t
     counts = torch.tensor([len(p) for p in plans], dtype=torch.float64, device=device)

@@ -74,9 +74,10 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-             state: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> None:
-        """One update of every active client, in place."""
+             state: dict[str, torch.Tensor], active: torch.Tensor | None = None, lr_scale: float = 1.0) -> None:
+        """One update of every active client, in place, at learning rate `lr_scale` x cfg.lr."""
         cfg = self.cfg
+        lr = cfg.lr * lr_scale
         count = state["step"].shape[0]
         act = torch.ones(count, dtype=torch.bool, device=state["step"].device) if active is None else active
         state["step"] += act.to(torch.int64)
@@ -85,7 +86,7 @@ class StackedOptimizer:
             t = state["step"].clamp(min=1).to(torch.float64)
             bc1 = 1 - cfg.betas[0] ** t
             bc2_sqrt = (1 - cfg.betas[1] ** t).sqrt()
-            step_size = (cfg.lr / bc1).to(torch.float32)
+            step_size = (lr / bc1).to(torch.float32)
         for key, grad in grads.items():
             p = params[key]
             shape = (count,) + (1,) * (p.dim() - 1)
@@ -97,7 +98,7 @@ class StackedOptimizer:
                 denom = new_v.sqrt() / bc2_sqrt.to(v.dtype).view(shape) + cfg.eps
                 update = new_m / denom * step_size.view(shape)
                 if cfg.weight_decay:
-                    update = update + p * (cfg.lr * cfg.weight_decay)
+                    update = update + p * (lr * cfg.weight_decay)
                 _assign(m, new_m, mask)
                 _assign(v, new_v, mask)
             else:
@@ -107,7 +108,7 @@ class StackedOptimizer:
                     new_buf = buf * cfg.momentum + update
                     _assign(buf, new_buf, mask)
                     update = new_buf
-                update = update * cfg.lr
+                update = update * lr
             _assign(p, p - update, mask)
 
 
