@@ -21,7 +21,7 @@ from fedhpc.experiment import adapter_lora
 from fedhpc.models.backbone import build_cohort_model
 from fedhpc.runtime.reduce import GroupReduction
 from fedhpc.strategies import build_strategy
-from fedhpc.strategies.hilora import CLUSTER, LEAF
+from fedhpc.strategies.hilora_tiers import CLUSTER, LEAF
 
 
 def sent_bytes(cfg, shapes, mode: str, stage: int, clients: int, clusters: int) -> int:

@@ -18,8 +18,8 @@ from fedhpc.config import ConfigError, load_config
 from fedhpc.configtree import build
 from fedhpc.runtime.reduce import GroupReduction
 from fedhpc.strategies import StrategyConfig, build_strategy
-from fedhpc.strategies.hilora import CLUSTER, LEAF, TierHooks
-from fedhpc.strategies.subspace_clustering import bases, cluster_clients, route, subspace_distance
+from fedhpc.strategies.hilora_tiers import CLUSTER, LEAF, TierHooks
+from fedhpc.strategies.subspace_clustering import Statistic, bases, cluster_clients, route, subspace_distance
 
 from conftest import REPO, TINY, mpiexec
 
@@ -55,7 +55,7 @@ def test_subspace_distance_is_one_minus_mean_cos2_of_principal_angles():
 def test_clustering_recovers_planted_clusters_on_synthetic_bases():
     rng = np.random.default_rng(1)
     truth = rng.permutation(np.arange(30) % 3)
-    found = cluster_clients(_planted_bases(rng, truth, (24, 40), 4, noise=0.3), k_min=2, k_max=8)
+    found = cluster_clients([Statistic(B) for B in _planted_bases(rng, truth, (24, 40), 4, noise=0.3)], k_min=2, k_max=8)
     assert found.count == 3
     assert adjusted_rand_score(truth, found.labels) == 1.0
     assert found.labels[0] == 0  # numbered by first appearance

@@ -31,20 +31,16 @@ B̄Ā != mean of B_i A_i). See docs/results.md for the measured bytes of each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from ..kernels import lowrank_aggregate
-from ..train.local import LocalHooks
 from .base import (Contribution, Exchange, Probe, Reduced, Strategy, StrategyConfig, is_head, is_lora_a,
                    register_strategy)
+from .hilora_tiers import (CLUSTER, LEAF, ROOT, STAGES, Aggregation, TierHooks, aggregate_tier, relative_change,
+                           tier_slice, tier_tensors)
 from .subspace_clustering import Similarity, Source, Statistic, client_statistic, cluster_clients, route
 
-ROOT, CLUSTER, LEAF = 0, 1, 2
-STAGES = ("root", "cluster", "leaf")
-Aggregation = Literal["product_dense", "product_gather", "factor_mean"]
 
 
 @dataclass(kw_only=True)
@@ -113,47 +109,6 @@ class HiLoRAConfig(StrategyConfig):
             raise ValueError("keep_optimizer_state must be false: a frozen tier's optimizer moments would move it")
 
 
-class TierHooks(LocalHooks):
-    """Train one tier: mask the other tiers' A rows and B columns, penalise B's overlap with the
-    frozen tiers above it (||B_fᵀ B||_F², algorithms.md K10)."""
-
-    def __init__(self, modules: list[str], rank: int, active: int, gamma_cluster: float, gamma_leaf: float,
-                 train_head: bool = True, lr_scale: float = 1.0):
-        self.modules, self.r, self.active, self.train_head = modules, rank, active, train_head
-        self.lr_scale = lr_scale
-        self.gammas = {ROOT: gamma_cluster, CLUSTER: gamma_leaf}
-
-    def loss(self, adapters, start):
-        if self.active == ROOT:
-            return None
-        total = 0.0
-        for m in self.modules:
-            B = adapters[f"{m}.lora_B"]
-            live = B[..., _tier(self.active, self.r)]
-            for frozen in range(self.active):
-                if self.gammas[frozen]:
-                    above = B[..., _tier(frozen, self.r)].detach()
-                    total = total + self.gammas[frozen] * (above.mT @ live).square().sum((1, 2))
-        return total if torch.is_tensor(total) else None
-
-    def grads(self, grads, adapters):
-        if not self.train_head:
-            for key in grads:
-                if is_head(key):
-                    grads[key].zero_()
-        keep = _tier(self.active, self.r)
-        for m in self.modules:
-            for key, dim in ((f"{m}.lora_A", 1), (f"{m}.lora_B", 2)):
-                if key in grads:
-                    mask = torch.zeros(grads[key].shape[dim], dtype=torch.bool, device=grads[key].device)
-                    mask[keep] = True
-                    grads[key].mul_(mask.view(-1, 1) if dim == 1 else mask)
-
-
-def _tier(tier: int, r: int) -> slice:
-    return slice(tier * r, (tier + 1) * r)
-
-
 @register_strategy("hilora")
 class HiLoRA(Strategy):
     Config = HiLoRAConfig
@@ -183,8 +138,8 @@ class HiLoRA(Strategy):
         for m in self.modules:
             A, B = init[f"{m}.lora_A"], init[f"{m}.lora_B"]
             for tier, name in ((ROOT, "root"), (CLUSTER, "cluster")):
-                server[f"{m}.{name}_A"] = A[:, _tier(tier, r)].clone()
-                server[f"{m}.{name}_B"] = B[..., _tier(tier, r)].clone()
+                server[f"{m}.{name}_A"] = A[:, tier_slice(tier, r)].clone()
+                server[f"{m}.{name}_B"] = B[..., tier_slice(tier, r)].clone()
         for h in self.heads:
             server[h] = init[h].clone()
             server[f"root.{h}"] = init[h].clone()
@@ -281,16 +236,6 @@ class HiLoRA(Strategy):
     def _mode(self, stage: int) -> str:
         return self.cfg.root_aggregation if stage == ROOT else self.cfg.cluster_aggregation
 
-    def _tier_tensors(self, mode: str, A: dict, B: dict) -> tuple[dict, dict]:
-        """(averaged, gathered) per-client tensors or shapes of a tier, by aggregation mode.
-        `A`, `B` map module -> tensor `[C, r, d_in]` / `[C, d_out, r]`, or -> shape."""
-        if mode == "product_dense":
-            product = {f"{m}.delta": (B[m] @ A[m] if torch.is_tensor(A[m]) else (B[m][0], A[m][1]))
-                       for m in self.modules}
-            return product, {}
-        factors = {**{f"{m}.tier_A": A[m] for m in self.modules}, **{f"{m}.tier_B": B[m] for m in self.modules}}
-        return (factors, {}) if mode == "factor_mean" else ({}, factors)
-
     def exchange(self, server, shapes):
         stage, stage_round = self._stage(server), int(server["stage_round"][0])
         r = shapes[f"{self.modules[0]}.lora_A"][0] // 3
@@ -300,7 +245,7 @@ class HiLoRA(Strategy):
         head = sum(int(np.prod(shapes[h])) for h in self.heads) * 4
         if stage == LEAF:  # nothing leaves a client; the final cluster tier arrives once
             return Exchange({}, 1, bytes_up=0, bytes_down=(tier + head) if stage_round == 0 else 0)
-        means, gathered = self._tier_tensors(self._mode(stage), A, B)
+        means, gathered = tier_tensors(self.modules, self._mode(stage), A, B)
         means.update({h: shapes[h] for h in self.heads})
         up = tier + head
         if self._clustering_round(server):
@@ -318,9 +263,9 @@ class HiLoRA(Strategy):
         if stage == LEAF:
             return Contribution({}, weights, torch.zeros(len(clients), dtype=torch.int64), 1, clients=clients)
         r = self._rank(server)
-        A = {m: trained[f"{m}.lora_A"][:, _tier(stage, r)] for m in self.modules}
-        B = {m: trained[f"{m}.lora_B"][..., _tier(stage, r)] for m in self.modules}
-        means, gathered = self._tier_tensors(self._mode(stage), A, B)
+        A = {m: trained[f"{m}.lora_A"][:, tier_slice(stage, r)] for m in self.modules}
+        B = {m: trained[f"{m}.lora_B"][..., tier_slice(stage, r)] for m in self.modules}
+        means, gathered = tier_tensors(self.modules, self._mode(stage), A, B)
         means.update({h: trained[h] for h in self.heads})
         if self._clustering_round(server):
             gathered.update({k: v for k, v in state.items() if ".ema_" in k})
@@ -329,24 +274,6 @@ class HiLoRA(Strategy):
                             clients=clients)
 
     # --- AGGREGATE -------------------------------------------------------------------------
-    def _aggregate_tier(self, m: str, reduced: Reduced, mode: str, groups: torch.Tensor | None, count: int,
-                        r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """New (A `[G, r, d_in]`, B `[G, d_out, r]`) of module m for every group, from the reduction."""
-        if mode == "factor_mean":
-            return reduced.means[f"{m}.tier_A"], reduced.means[f"{m}.tier_B"]
-        if mode == "product_dense":
-            U, S, Vh = torch.linalg.svd(reduced.means[f"{m}.delta"].double(), full_matrices=False)
-            return (S[..., :r, None] * Vh[..., :r, :]).float(), U[..., :r].float()
-        Bs, As, w = reduced.gathered[f"{m}.tier_B"], reduced.gathered[f"{m}.tier_A"], reduced.gathered_weights
-        out_A = torch.zeros(count, r, As.shape[-1])
-        out_B = torch.zeros(count, Bs.shape[-2], r)
-        for g in range(count):  # a few clusters: each is one batched-factor SVD
-            sel = (groups == g) if groups is not None else torch.ones(len(w), dtype=torch.bool)
-            if bool(sel.any()):
-                U, S, Vh = lowrank_aggregate(Bs[sel], As[sel], w[sel] / w[sel].sum(), rank=r, method="exact")
-                out_A[g], out_B[g] = (S[:, None] * Vh).float(), U.float()
-        return out_A, out_B
-
     def aggregate(self, server, reduced, *, round_index):
         stage = self._stage(server)
         new = dict(server)
@@ -360,7 +287,7 @@ class HiLoRA(Strategy):
         if stage == CLUSTER and self._mode(stage) == "product_gather":
             groups = server["clusters"].cpu()[reduced.gathered_clients]
         for m in self.modules:
-            A, B = self._aggregate_tier(m, reduced, self._mode(stage), groups, count, r)
+            A, B = aggregate_tier(m, reduced, self._mode(stage), groups, count, r)
             for key, value in ((f"{m}.{name}_A", A), (f"{m}.{name}_B", B)):
                 new[key] = torch.where(present.view(-1, 1, 1), value.to(server[key]), server[key])
         for h in self.heads:
@@ -372,24 +299,13 @@ class HiLoRA(Strategy):
             return new
         for h in self.heads:
             new[f"root.{h}"] = new[h]
-        change = self._relative_change(server, new)
+        change = relative_change(self.modules, server, new)
         new["root_change"] = torch.full_like(server["root_change"], change)
         if self._clustering_round(server):
             return self._start_cluster_stage(new, reduced)
         if change <= self.cfg.root_tau:
             new["root_final"] = torch.ones_like(server["root_final"])
         return new
-
-    def _relative_change(self, old, new) -> float:
-        """||s B'A' - s BA||_F / ||s BA||_F over all matrices, through r x r Grams (s cancels)."""
-        diff = norm = 0.0
-        for m in self.modules:
-            A0, B0 = old[f"{m}.root_A"][0].double(), old[f"{m}.root_B"][0].double()
-            A1, B1 = new[f"{m}.root_A"][0].double(), new[f"{m}.root_B"][0].double()
-            X, Y = torch.cat([B1, -B0], dim=1), torch.cat([A1, A0], dim=0)
-            diff += float(torch.trace((X.mT @ X) @ (Y @ Y.mT)))
-            norm += float(torch.trace((B0.mT @ B0) @ (A0 @ A0.mT)))
-        return float(np.sqrt(max(diff, 0.0)) / (np.sqrt(norm) + 1e-12))
 
     def _start_cluster_stage(self, new, reduced: Reduced):
         """LSAC on the gathered EMA bases; the cluster tier and heads start from one shared init."""

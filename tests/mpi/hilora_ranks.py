@@ -11,7 +11,7 @@ from fedhpc.configtree import build
 from fedhpc.runtime.reduce import GroupReduction
 from fedhpc.runtime.world import block_range
 from fedhpc.strategies import StrategyConfig, build_strategy
-from fedhpc.strategies.hilora import CLUSTER
+from fedhpc.strategies.hilora_tiers import CLUSTER
 
 R = 2
 SHAPES = {"m.lora_A": (3 * R, 5), "m.lora_B": (6, 3 * R), "n.lora_A": (3 * R, 4), "n.lora_B": (7, 3 * R),
