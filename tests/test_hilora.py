@@ -67,7 +67,19 @@ def test_routing_picks_the_cluster_that_generated_the_client():
     for j in range(4):
         probe = [U[j:j + 1] @ torch.tensor(rng.standard_normal((1, 3, 3))) + 0.2 * torch.randn(1, *U.shape[1:],
                  dtype=torch.float64) for U in centres]
-        assert route(probe, centres).tolist() == [j]
+        assert route([Statistic(P) for P in probe], [Statistic(U) for U in centres]).tolist() == [j]
+
+
+def test_cosine_routing_picks_the_cluster_whose_product_the_probe_follows():
+    """Clusters +X and -X share one column space: only the cosine of the products tells them apart."""
+    rng = np.random.default_rng(5)
+    X = [(torch.tensor(rng.standard_normal((12, 3))), torch.tensor(rng.standard_normal((3, 7)))) for _ in range(2)]
+    centres = [Statistic(torch.stack([X[0][0], -X[0][0], X[1][0]]), torch.stack([X[0][1]] * 2 + [X[1][1]]))]
+    for j, sign, which in ((0, 1.0, 0), (1, -1.0, 0), (2, 1.0, 1)):
+        B, A = X[which]
+        probe = [Statistic((sign * B + 0.1 * torch.tensor(rng.standard_normal(B.shape)))[None],
+                           (A + 0.1 * torch.tensor(rng.standard_normal(A.shape)))[None])]
+        assert route(probe, centres, "cosine").tolist() == [j]
 
 
 def _make(groups=np.array([0, 1, 0, 1, 1, 0]), **options):

@@ -351,8 +351,10 @@ class HiLoRA(Strategy):
         if probed is None:
             return self.broadcast(server, kept, clients), self.hooks(server, kept, clients)
         r = self._rank(server)
-        rows = route([probed[f"{m}.lora_B"][..., r:2 * r].cpu() for m in self.modules],
-                     [server[f"{m}.cluster_B"].cpu() for m in self.modules]).to(server["clusters"].device)
+        probes = [Statistic(probed[f"{m}.lora_B"][..., r:2 * r].cpu(), probed[f"{m}.lora_A"][:, r:2 * r].cpu())
+                  for m in self.modules]
+        centres = [Statistic(server[f"{m}.cluster_B"].cpu(), server[f"{m}.cluster_A"].cpu()) for m in self.modules]
+        rows = route(probes, centres, self.cfg.similarity).to(server["clusters"].device)
         none = torch.zeros_like(kept["leaf_started"])
         adapters = self._assemble(server, kept, rows, {h: server[h][rows] for h in self.heads}, none)
         return adapters, self._hooks(server, LEAF)

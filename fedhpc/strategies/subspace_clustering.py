@@ -57,6 +57,9 @@ class Statistic:
     A: torch.Tensor | None = None
     """`[C, q, d_in]`: the right factor of the EMA product; None for B statistics."""
 
+    def __getitem__(self, rows) -> Statistic:
+        return Statistic(self.B[rows], None if self.A is None else self.A[rows])
+
 
 def _frobenius(B: torch.Tensor, A: torch.Tensor | None) -> torch.Tensor:
     """`[C]` ||B A||_F (or ||B||_F) through q x q Grams, never forming B A."""
@@ -98,28 +101,31 @@ def subspace_distance(per_matrix: list[torch.Tensor]) -> np.ndarray:
     return d
 
 
-def _inner_products(stat: Statistic, block: int = 64) -> torch.Tensor:
-    """`[N, N]` <E_i, E_j>_F in float64, `block` rows at a time (the Grams are [block, N, q, q])."""
-    B = stat.B.double()
-    A = None if stat.A is None else stat.A.double()
+def _inner_products(X: Statistic, Y: Statistic, block: int = 64) -> torch.Tensor:
+    """`[N, M]` <E_i, F_j>_F in float64 for E in X, F in Y, `block` rows at a time (the Grams are
+    [block, M, q, q])."""
+    B, C = X.B.double(), Y.B.double()
     rows = []
     for lo in range(0, len(B), block):
-        gram = torch.einsum("ipq,jps->ijqs", B[lo:lo + block], B)
-        if A is None:
+        gram = torch.einsum("ipq,jps->ijqs", B[lo:lo + block], C)
+        if X.A is None:
             rows.append(gram.diagonal(dim1=2, dim2=3).sum(-1))
         else:
-            rows.append((gram * torch.einsum("iqd,jsd->ijqs", A[lo:lo + block], A)).sum((2, 3)))
+            rows.append((gram * torch.einsum("iqd,jsd->ijqs", X.A.double()[lo:lo + block], Y.A.double())).sum((2, 3)))
     return torch.cat(rows)
+
+
+def _cosines(X: Statistic, Y: Statistic) -> torch.Tensor:
+    """`[N, M]` cosines of the statistics of X and Y (B, or B A through Grams)."""
+    norm_x = torch.cat([_inner_products(X[i:i + 1], X[i:i + 1]) for i in range(len(X.B))]).flatten()
+    norm_y = torch.cat([_inner_products(Y[j:j + 1], Y[j:j + 1]) for j in range(len(Y.B))]).flatten()
+    outer = (norm_x.clamp_min(0).sqrt()[:, None] * norm_y.clamp_min(0).sqrt()[None, :]).clamp_min(1e-300)
+    return _inner_products(X, Y) / outer
 
 
 def cosine_distance(per_matrix: list[Statistic]) -> np.ndarray:
     """d_ij = 1 - mean over matrices of the cosine of E_i and E_j (E = B, or B A through Grams)."""
-    cosines = []
-    for stat in per_matrix:
-        inner = _inner_products(stat)
-        norms = inner.diagonal().clamp_min(0).sqrt()
-        cosines.append(inner / (norms[:, None] * norms[None, :]).clamp_min(1e-300))
-    d = (1.0 - torch.stack(cosines).mean(0)).clamp_min(0.0).numpy()
+    d = (1.0 - torch.stack([_cosines(stat, stat) for stat in per_matrix]).mean(0)).clamp_min(0.0).numpy()
     np.fill_diagonal(d, 0.0)
     return d
 
@@ -186,8 +192,12 @@ def cluster_clients(per_matrix: list[Statistic], *, k_min: int, k_max: int, simi
     return Clustering(_first_appearance(np.asarray(labels)), count, d, S)
 
 
-def route(probe_B: list[torch.Tensor], cluster_B: list[torch.Tensor]) -> torch.Tensor:
-    """`[C]` index of the cluster whose basis is most similar to each probe, averaged over
-    matrices: argmax_j mean_m ||U_u^mᵀ U_j^m||_F² / r. Probes `[C, p_m, r]`, clusters `[K, p_m, r]`."""
-    sims = torch.stack([subspace_similarity(bases(P), bases(Q)) for P, Q in zip(probe_B, cluster_B)]).mean(0)
+def route(probe: list[Statistic], clusters: list[Statistic], similarity: Similarity = "subspace") -> torch.Tensor:
+    """`[C]` index of the cluster most similar to each probe, averaged over matrices, by the
+    similarity the clusters were found with: mean_m ||U_u^mᵀ U_j^m||_F² / r between the column
+    spaces of B, or the cosine of the statistics. Probes `[C, ...]`, clusters `[K, ...]` per matrix."""
+    if similarity == "cosine":
+        sims = torch.stack([_cosines(P, Q) for P, Q in zip(probe, clusters)]).mean(0)
+    else:
+        sims = torch.stack([subspace_similarity(bases(P.B), bases(Q.B)) for P, Q in zip(probe, clusters)]).mean(0)
     return sims.argmax(dim=1)
