@@ -232,6 +232,29 @@ def test_orthogonality_penalty_drives_cluster_overlap_with_root_down_and_masks_o
         assert moved[:, R:2 * R].all() and not moved[:, :R].any() and not moved[:, 2 * R:].any(), key
 
 
+def test_frozen_tiers_and_head_do_not_move_under_weight_decay():
+    from fedhpc.train.optim import OptimConfig, StackedOptimizer
+
+    g = torch.Generator().manual_seed(8)
+    params = {"m.lora_A": torch.randn(2, 3 * R, 5, generator=g), "m.lora_B": torch.randn(2, 6, 3 * R, generator=g),
+              "head.weight": torch.randn(2, 3, 4, generator=g)}
+    before = {k: v.clone() for k, v in params.items()}
+    hooks = TierHooks(["m"], R, CLUSTER, gamma_cluster=0.1, gamma_leaf=0.1, train_head=False)
+    opt = StackedOptimizer(OptimConfig(name="adamw", lr=0.05, weight_decay=0.5))
+    state = opt.init_state(params)
+    movable = {k: m for k in params if (m := hooks.movable(k)) is not None}
+    for _ in range(5):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        hooks.grads(grads, params)
+        opt.step(params, grads, state, movable=movable)
+    live = slice(R, 2 * R)
+    for frozen in (slice(0, R), slice(2 * R, 3 * R)):
+        torch.testing.assert_close(params["m.lora_A"][:, frozen], before["m.lora_A"][:, frozen], rtol=0, atol=0)
+        torch.testing.assert_close(params["m.lora_B"][..., frozen], before["m.lora_B"][..., frozen], rtol=0, atol=0)
+    torch.testing.assert_close(params["head.weight"], before["head.weight"], rtol=0, atol=0)
+    assert (params["m.lora_A"][:, live] - before["m.lora_A"][:, live]).abs().min() > 0
+
+
 def test_leaf_penalty_drives_overlap_with_root_and_cluster_down():
     before, after = _hooks_descent(LEAF, lr=0.1, steps=400)
     for frozen in (0, 1):

@@ -47,18 +47,24 @@ class TierHooks(LocalHooks):
                     total = total + self.gammas[frozen] * (above.mT @ live).square().sum((1, 2))
         return total if torch.is_tensor(total) else None
 
-    def grads(self, grads, adapters):
-        if not self.train_head:
-            for key in grads:
-                if is_head(key):
-                    grads[key].zero_()
-        keep = tier_slice(self.active, self.r)
+    def movable(self, key):
+        """The active tier's A rows / B columns (and the head unless frozen): gradients are masked
+        to them and the optimizer's update too, so weight decay cannot shrink a frozen tier."""
+        if is_head(key):
+            return None if self.train_head else torch.zeros((), dtype=torch.bool)
         for m in self.modules:
-            for key, dim in ((f"{m}.lora_A", 1), (f"{m}.lora_B", 2)):
-                if key in grads:
-                    mask = torch.zeros(grads[key].shape[dim], dtype=torch.bool, device=grads[key].device)
-                    mask[keep] = True
-                    grads[key].mul_(mask.view(-1, 1) if dim == 1 else mask)
+            for suffix, shape in ((".lora_A", (1, 3 * self.r, 1)), (".lora_B", (1, 1, 3 * self.r))):
+                if key == m + suffix:
+                    mask = torch.zeros(3 * self.r, dtype=torch.bool)
+                    mask[tier_slice(self.active, self.r)] = True
+                    return mask.view(shape)
+        return None
+
+    def grads(self, grads, adapters):
+        for key, grad in grads.items():
+            mask = self.movable(key)
+            if mask is not None:
+                grad.mul_(mask.to(grad.device))
 
 
 def tier_tensors(modules: list[str], mode: str, A: dict, B: dict) -> tuple[dict, dict]:

@@ -64,6 +64,11 @@ class LocalHooks:
         """Extra per-client loss `[C]` (e.g. a proximal or orthogonality term)."""
         return None
 
+    def movable(self, key: str) -> torch.Tensor | None:
+        """Bool mask, broadcastable to trainable `key`, of the entries the optimizer may move at
+        all (weight decay included); None: every entry."""
+        return None
+
     def grads(self, grads: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> None:
         """Transform the gradients in place before the optimizer step (e.g. control variates)."""
 
@@ -144,6 +149,7 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
     steps = max(len(p) for p in plans)
     loss_sum = torch.zeros(count, dtype=torch.float64, device=device)
     start = {k: v.detach().clone() for k, v in adapters.items()}
+    movable = {k: m.to(device) for k in trainable if (m := hooks.movable(k)) is not None}
     ids = torch.as_tensor(client_ids, dtype=torch.int64)
     for step in range(steps):
         index, mask, active = _step_batch(plans, step, cfg.batch_size)
@@ -167,7 +173,7 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
         if cfg.max_grad_norm > 0:
             clip_per_client(list(grads.values()), cfg.max_grad_norm)
         active_t = torch.from_numpy(active).to(device)
-        optimizer.step(adapters, grads, opt_state, active_t, lr_scale=hooks.lr_scale)
+        optimizer.step(adapters, grads, opt_state, active_t, lr_scale=hooks.lr_scale, movable=movable)
         hooks.stepped(active_t)
         loss_sum += per_client.detach().double() * active_t
     counts = torch.tensor([len(p) for p in plans], dtype=torch.float64, device=device)

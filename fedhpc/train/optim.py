@@ -74,8 +74,10 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-             state: dict[str, torch.Tensor], active: torch.Tensor | None = None, lr_scale: float = 1.0) -> None:
-        """One update of every active client, in place, at learning rate `lr_scale` x cfg.lr."""
+             state: dict[str, torch.Tensor], active: torch.Tensor | None = None, lr_scale: float = 1.0,
+             movable: dict[str, torch.Tensor] | None = None) -> None:
+        """One update of every active client, in place, at learning rate `lr_scale` x cfg.lr.
+        `movable[key]` (bool, broadcastable) limits the update, weight decay included, to its entries."""
         cfg = self.cfg
         lr = cfg.lr * lr_scale
         count = state["step"].shape[0]
@@ -109,6 +111,8 @@ class StackedOptimizer:
                     _assign(buf, new_buf, mask)
                     update = new_buf
                 update = update * lr
+            if movable and key in movable:
+                update = update * movable[key]
             _assign(p, p - update, mask)
 
 
