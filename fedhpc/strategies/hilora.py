@@ -42,7 +42,6 @@ from .hilora_tiers import (CLUSTER, LEAF, ROOT, STAGES, Aggregation, TierHooks, 
 from .subspace_clustering import Similarity, Source, Statistic, client_statistic, cluster_clients, route
 
 
-
 @dataclass(kw_only=True)
 class HiLoRAConfig(StrategyConfig):
     root_rounds: int = 15
