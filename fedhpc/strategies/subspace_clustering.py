@@ -57,9 +57,6 @@ class Statistic:
     A: torch.Tensor | None = None
     """`[C, q, d_in]`: the right factor of the EMA product; None for B statistics."""
 
-    def __getitem__(self, rows) -> Statistic:
-        return Statistic(self.B[rows], None if self.A is None else self.A[rows])
-
 
 def _frobenius(B: torch.Tensor, A: torch.Tensor | None) -> torch.Tensor:
     """`[C]` ||B A||_F (or ||B||_F) through q x q Grams, never forming B A."""
@@ -117,10 +114,9 @@ def _inner_products(X: Statistic, Y: Statistic, block: int = 64) -> torch.Tensor
 
 def _cosines(X: Statistic, Y: Statistic) -> torch.Tensor:
     """`[N, M]` cosines of the statistics of X and Y (B, or B A through Grams)."""
-    norm_x = torch.cat([_inner_products(X[i:i + 1], X[i:i + 1]) for i in range(len(X.B))]).flatten()
-    norm_y = torch.cat([_inner_products(Y[j:j + 1], Y[j:j + 1]) for j in range(len(Y.B))]).flatten()
-    outer = (norm_x.clamp_min(0).sqrt()[:, None] * norm_y.clamp_min(0).sqrt()[None, :]).clamp_min(1e-300)
-    return _inner_products(X, Y) / outer
+    norm_x = _frobenius(X.B.double(), None if X.A is None else X.A.double())
+    norm_y = _frobenius(Y.B.double(), None if Y.A is None else Y.A.double())
+    return _inner_products(X, Y) / (norm_x[:, None] * norm_y[None, :]).clamp_min(1e-300)
 
 
 def cosine_distance(per_matrix: list[Statistic]) -> np.ndarray:
