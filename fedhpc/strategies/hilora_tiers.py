@@ -25,7 +25,7 @@ def tier_slice(tier: int, r: int) -> slice:
 
 
 class TierHooks(LocalHooks):
-    """Train one tier: mask the other tiers' A rows and B columns, penalise B's overlap with the
+    """Train one tier: only its A rows and B columns may move; penalise B's overlap with the
     frozen tiers above it (||B_fᵀ B||_F², algorithms.md K10)."""
 
     def __init__(self, modules: list[str], rank: int, active: int, gamma_cluster: float, gamma_leaf: float,
@@ -48,8 +48,8 @@ class TierHooks(LocalHooks):
         return total if torch.is_tensor(total) else None
 
     def movable(self, key):
-        """The active tier's A rows / B columns (and the head unless frozen): gradients are masked
-        to them and the optimizer's update too, so weight decay cannot shrink a frozen tier."""
+        """The active tier's A rows / B columns, and the head unless frozen: local training masks
+        gradients and updates to them, so not even weight decay moves a frozen tier."""
         if is_head(key):
             return None if self.train_head else torch.zeros((), dtype=torch.bool)
         for m in self.modules:
@@ -59,12 +59,6 @@ class TierHooks(LocalHooks):
                     mask[tier_slice(self.active, self.r)] = True
                     return mask.view(shape)
         return None
-
-    def grads(self, grads, adapters):
-        for key, grad in grads.items():
-            mask = self.movable(key)
-            if mask is not None:
-                grad.mul_(mask.to(grad.device))
 
 
 def tier_tensors(modules: list[str], mode: str, A: dict, B: dict) -> tuple[dict, dict]:

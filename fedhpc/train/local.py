@@ -65,8 +65,9 @@ class LocalHooks:
         return None
 
     def movable(self, key: str) -> torch.Tensor | None:
-        """Bool mask, broadcastable to trainable `key`, of the entries the optimizer may move at
-        all (weight decay included); None: every entry."""
+        """Bool mask, broadcastable to trainable `key`, of the entries training may move: their
+        gradients (before clipping) and the optimizer's update, weight decay included, are masked
+        to it. None: every entry."""
         return None
 
     def grads(self, grads: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> None:
@@ -168,6 +169,8 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
         for v in adapters.values():
             v.requires_grad_(False)
         hooks.grads(grads, adapters)
+        for key, keep in movable.items():
+            grads[key].mul_(keep)
         if ranks is not None:
             mask_to_ranks(grads, ranks, inplace=True)
         if cfg.max_grad_norm > 0:
