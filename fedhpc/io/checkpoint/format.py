@@ -1,0 +1,227 @@
+"""The checkpoint file: one self-contained HDF5 file per checkpointed round, laid out by client id
+so that any number of ranks can read it back, and plain enough to open with h5py or `h5dump`.
+
+A run's checkpoints are `runs/<name>/checkpoints/round-000007.h5`, each laid out as:
+
+    /                  attrs: format, format_version, round, rounds, num_clients, strategy,
+                              bytes_up, bytes_down, mpi_bytes, wall_seconds, created
+    /config            string: the resolved config (YAML)
+    /metrics           string: metrics.jsonl up to this round (one JSON object per line)
+    /server/<key>      replicated server tensors (adapters, cluster ids, control variates, ...)
+    /clients/<key>     [num_clients, ...] what each client keeps: kept adapters + strategy extras
+    /optimizer/<key>   [num_clients, ...] optimizer state (only with strategy.keep_optimizer_state)
+
+Every dataset carries attrs `crc32` (zlib CRC-32 of its C-order bytes) and `torch_dtype`
+(bfloat16, which numpy and HDF5 lack, is stored as its uint16 bits). Client datasets are
+chunked one client per chunk.
+
+This module lays a file out, reads one back, checks its checksums and describes it
+(`fedhpc inspect`). Which file to resume from is `resume.py`; when and how a file is written
+(gather, background thread, atomic rename) is `writer.py`.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "checkpoint_dir", "Snapshot", "lay_out", "verify",
+           "describe", "read_config", "saved_round", "Restored", "load"]
+
+FORMAT = "fedhpc-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (torn, corrupt, or of another format)."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _file_name(round_index: int) -> str:
+    return f"round-{round_index:06d}.h5"
+
+
+# --- tensors <-> numpy ------------------------------------------------------------------------
+def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    t = t.detach().to("cpu").contiguous()
+    name = str(t.dtype).removeprefix("torch.")
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16)
+    return t.numpy(), name
+
+
+def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
+def _crc(data) -> int:
+    if isinstance(data, str):
+        data = data.encode()
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8) if isinstance(data, np.ndarray) else data)
+
+
+# --- writing the layout -----------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """What rank 0 writes: plain numpy arrays and text, detached from the running loop."""
+    round: int
+    attrs: dict
+    config: str
+    metrics: str
+    tensors: dict[str, dict[str, tuple[np.ndarray, str]]]
+    """group ('server' | 'clients' | 'optimizer') -> key -> (array, torch dtype name)."""
+
+
+def lay_out(path: Path, snap: Snapshot) -> list[tuple[int, np.ndarray]]:
+    """Create the HDF5 file `path` holding `snap`, all but the bytes of the client rows: their
+    chunks are allocated up front and left unfilled. Returns (file offset, row) of every client
+    chunk, for the caller to write into the closed file (no filters: a chunk is the row's bytes).
+    """
+    import h5py
+
+    rows = []
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "round": snap.round, **snap.attrs})
+        for name, text in (("config", snap.config), ("metrics", snap.metrics)):
+            ds = f.create_dataset(name, data=text, dtype=h5py.string_dtype())
+            ds.attrs["crc32"] = _crc(text)
+        for group, tensors in snap.tensors.items():
+            g = f.create_group(group)
+            for key, (array, dtype_name) in tensors.items():
+                if "/" in key:
+                    raise ValueError(f"checkpoint: tensor key {key!r} must not contain '/'")
+                if group != "server" and array.ndim >= 1 and 0 not in array.shape:
+                    ds = _allocated_per_client(g, key, array)
+                    rows += [(ds.id.get_chunk_info(i).byte_offset, array[i]) for i in range(array.shape[0])]
+                else:
+                    ds = g.create_dataset(key, data=array)
+                ds.attrs.update({"crc32": _crc(array), "torch_dtype": dtype_name})
+    return rows
+
+
+def _allocated_per_client(group, key: str, array: np.ndarray):
+    """An empty dataset chunked one client per chunk, every chunk allocated now, never filled."""
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((1, *array.shape[1:]))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(array.shape)
+    dsid = h5py.h5d.create(group.id, key.encode(), h5py.h5t.py_create(array.dtype), space, dcpl=dcpl)
+    return h5py.Dataset(dsid)
+
+
+# --- reading and checking one file ------------------------------------------------------------
+def _datasets(f) -> list:
+    import h5py
+
+    found = []
+    f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def _read_text(ds) -> str:
+    value = ds[()]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def verify(path: str | Path) -> list[tuple[str, tuple, str, int, bool]]:
+    """Every dataset's (name, shape, dtype, bytes, checksum ok); raises CheckpointError if the
+    file is not a readable fedhpc checkpoint."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a fedhpc checkpoint")
+            rows = []
+            for ds in _datasets(f):
+                data = _read_text(ds) if ds.dtype.kind == "O" else ds[()]
+                ok = "crc32" in ds.attrs and _crc(data) == int(ds.attrs["crc32"])
+                rows.append((ds.name, ds.shape, ds.attrs.get("torch_dtype", "str"), int(ds.id.get_storage_size()), ok))
+            return rows
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as err:  # torn or truncated: HDF5 cannot parse it
+        raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
+
+
+def describe(path: str | Path) -> tuple[str, bool]:
+    """`fedhpc inspect`: a readable summary of a checkpoint, and whether every checksum holds."""
+    import h5py
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"inspect: '{path}' does not exist")
+    rows = verify(path)
+    with h5py.File(path, "r") as f:
+        a = dict(f.attrs)
+        metrics = [json.loads(line) for line in _read_text(f["metrics"]).splitlines() if line]
+    bad = [name for name, *_, ok in rows if not ok]
+    lines = [f"{path}: {a['format']} v{a['format_version']}, round {a['round']} of {a['rounds']}, "
+             f"{a['num_clients']} clients, strategy {a['strategy']}, written {a['created']}",
+             f"  bytes up {a['bytes_up']}, down {a['bytes_down']}; {len(metrics)} metrics line(s); "
+             f"wall seconds so far {float(a['wall_seconds']):.1f}",
+             f"  {'dataset':<52} {'shape':<16} {'dtype':<8} {'bytes':>10}  checksum"]
+    for name, shape, dtype, size, ok in rows:
+        lines.append(f"  {name:<52} {str(shape):<16} {dtype:<8} {size:>10}  {'ok' if ok else 'BAD'}")
+    total = sum(size for _, _, _, size, _ in rows)
+    lines.append(f"  {len(rows)} datasets, {total} bytes of data, file {Path(path).stat().st_size} bytes; "
+                 + (f"checksum MISMATCH in {len(bad)}: {', '.join(bad[:3])}" if bad else "all checksums ok"))
+    return "\n".join(lines), not bad
+
+
+def read_config(path: str | Path) -> dict:
+    """The resolved config stored in a checkpoint."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return yaml.safe_load(_read_text(f["config"]))
+
+
+def saved_round(path: str | Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["round"])
+
+
+@dataclass
+class Restored:
+    """This rank's share of a checkpoint, on its device."""
+    round: int
+    server: dict[str, torch.Tensor]
+    clients: dict[str, torch.Tensor]
+    """This rank's rows `[hosted, ...]` of each client tensor."""
+    optimizer: dict[str, torch.Tensor] | None
+    totals: dict[str, int]
+    metrics: list[dict]
+    wall_seconds: float
+
+
+def load(path: str | Path, *, clients: np.ndarray, device) -> Restored:
+    """Read the server state and the rows of `clients` (a contiguous block) from `path`."""
+    import h5py
+
+    rows = slice(int(clients[0]), int(clients[-1]) + 1)
+
+    def read(group, select):
+        return {key: _from_numpy(ds[select], ds.attrs["torch_dtype"]).to(device) for key, ds in group.items()}
+
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        return Restored(
+            round=int(a["round"]), server=read(f["server"], ()), clients=read(f["clients"], rows),
+            optimizer=read(f["optimizer"], rows) if "optimizer" in f else None,
+            totals={k: int(a[k]) for k in ("bytes_up", "bytes_down", "mpi_bytes")},
+            metrics=[json.loads(line) for line in _read_text(f["metrics"]).splitlines() if line],
+            wall_seconds=float(a["wall_seconds"]))
