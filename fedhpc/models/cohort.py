@@ -14,18 +14,45 @@ That keeps the modules stateless, so a rank trains any subset of its clients wit
 Methods that fold an update into the frozen weight (FLoRA, FedEx-LoRA, ILoRA's compensation)
 bind a dense delta `<module>.base_delta` `[1, d_out, d_in]` shared by every client of the call:
 the layer then computes `x (W0 + ΔW)ᵀ + ...`, exactly as if W0 had been replaced.
+
+Variants (peft's LoraLayer variants play this role) are chosen by which keys are bound, so a
+method that binds none of them computes exactly what it did before they existed:
+
+- mixture (FedTreeLoRA, algorithms.md §6.4): a second, "external" expert `<module>.expert_A`
+  `[C, r, d_in]`, `<module>.expert_B` `[C, d_out, r]` and a per-client logit `<module>.mix_logit`
+  `[C, 1]` mix with `lora_A/lora_B` (the cluster expert); with λ_c = sigmoid(mix_logit_c),
+
+      y = x W0ᵀ + b0 + s_c · [λ_c (x̃ A_cᵀ) B_cᵀ + (1 − λ_c) (x̃ E_Aᵀ) E_Bᵀ]
+
+  where x̃ is the input after the adapter dropout (one mask, shared by both experts).
+- factored (FedGaLore, algorithms.md §7.3): a per-client full-space update kept as factors,
+  `<module>.update_B` `[C, d_out, q]` and `<module>.update_A` `[C, q, d_in]`, added unscaled and
+  without dropout (it is the update ΔW_c = update_B update_A itself, not an adapter):
+
+      y += (x update_Aᵀ) update_Bᵀ
+
+  GaLore trains one factor through the other, fixed one (right projection: update_A = P fixed,
+  update_B = Z trained). It may be bound with or without `lora_A/lora_B`.
+
+The strategy decides what trains: gradients reach every bound tensor. `variant_shapes` gives
+the per-client shapes of a variant's keys so a strategy can build its initial state.
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from .dropout import keyed_dropout
 
-__all__ = ["CohortLoRALinear", "CohortHead", "CohortModel", "lora_keys", "base_delta_key"]
+__all__ = ["CohortLoRALinear", "CohortHead", "CohortModel", "lora_keys", "base_delta_key", "mixture_keys",
+           "factored_keys", "variant_shapes", "VARIANTS"]
+
+Variant = Literal["mixture", "factored"]
+VARIANTS: tuple[Variant, ...] = ("mixture", "factored")
 
 
 def lora_keys(module_name: str) -> tuple[str, str]:
@@ -35,6 +62,47 @@ def lora_keys(module_name: str) -> tuple[str, str]:
 def base_delta_key(module_name: str) -> str:
     """Key of the dense update folded into a module's frozen weight, shared by all clients."""
     return f"{module_name}.base_delta"
+
+
+def mixture_keys(module_name: str) -> tuple[str, str, str]:
+    """Keys of the external expert and the mixing logit: `(expert_A, expert_B, mix_logit)`."""
+    return f"{module_name}.expert_A", f"{module_name}.expert_B", f"{module_name}.mix_logit"
+
+
+def factored_keys(module_name: str) -> tuple[str, str]:
+    """Keys of a factored full-space update ΔW = update_B update_A: `(update_A, update_B)`, A first as in `lora_keys`."""
+    return f"{module_name}.update_A", f"{module_name}.update_B"
+
+
+def variant_shapes(shapes: dict[str, tuple[int, ...]], variant: Variant, *, rank: int) -> dict[str, tuple[int, ...]]:
+    """Per-client shapes of `variant`'s keys for every adapted module in `shapes` (a `CohortModel.shapes`).
+
+    `rank` is the experts' rank `r` (mixture) or the update's rank `q` (factored).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: unknown '{variant}', known: {', '.join(VARIANTS)}")
+    out = {}
+    for key_a in [k for k in shapes if k.endswith(".lora_A")]:
+        name = key_a[: -len(".lora_A")]
+        d_in, d_out = shapes[key_a][1], shapes[lora_keys(name)[1]][0]
+        if variant == "mixture":
+            expert_a, expert_b, mix = mixture_keys(name)
+            out.update({expert_a: (rank, d_in), expert_b: (d_out, rank), mix: (1,)})
+        else:
+            update_a, update_b = factored_keys(name)
+            out.update({update_a: (rank, d_in), update_b: (d_out, rank)})
+    return out
+
+
+def _bound(adapters: dict[str, torch.Tensor], keys: tuple[str, ...]) -> list[torch.Tensor] | None:
+    """The tensors of a key group if it is bound, None if none of it is; a partial group is an error."""
+    found = [adapters.get(k) for k in keys]
+    if all(t is None for t in found):
+        return None
+    if any(t is None for t in found):
+        raise KeyError(f"adapter keys {list(keys)} go together; bound only "
+                       f"{[k for k, t in zip(keys, found) if t is not None]}")
+    return found
 
 
 class _Binding:
@@ -54,27 +122,52 @@ class CohortLoRALinear(nn.Module):
         self.base = base
         self.key_a, self.key_b = lora_keys(name)
         self.key_delta = base_delta_key(name)
+        self.keys_mixture = mixture_keys(name)
+        self.keys_update = factored_keys(name)
         self.binding = binding
         self.dropout = dropout
         self.index = index  # distinguishes layers in the keyed dropout stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        bound = self.binding
-        if bound.adapters is None:
+        adapters = self.binding.adapters
+        if adapters is None:
             return out
-        shared = bound.adapters.get(self.key_delta)
+        shared = adapters.get(self.key_delta)
         if shared is not None:
             out = out + torch.nn.functional.linear(x, shared.reshape(shared.shape[-2:]).to(x.dtype))
-        if self.key_a not in bound.adapters:
-            return out
-        a, b = bound.adapters[self.key_a], bound.adapters[self.key_b]
-        h = x.reshape(a.shape[0], -1, x.shape[-1])                      # [C, n, d_in]
+        update = _bound(adapters, self.keys_update)
+        mixture = _bound(adapters, self.keys_mixture)
+        if self.key_a not in adapters:
+            if mixture is not None:
+                raise KeyError(f"{self.keys_mixture[0]} is bound without the cluster expert {self.key_a}")
+            if update is None:
+                return out
+        count = self.binding.scaling.shape[0]
+        y = out.reshape(count, -1, out.shape[-1])                       # [C, n, d_out]
+        h = x.reshape(count, -1, x.shape[-1])                           # [C, n, d_in]
+        if update is not None:                                          # ΔW_c itself: unscaled, no dropout
+            update_a, update_b = update
+            y = torch.baddbmm(y, torch.bmm(h, update_a.transpose(1, 2)), update_b.transpose(1, 2))
+        if self.key_a in adapters:
+            y = self._add_lora(y, h, mixture)
+        return y.reshape(out.shape)
+
+    def _add_lora(self, y: torch.Tensor, h: torch.Tensor, mixture: list[torch.Tensor] | None) -> torch.Tensor:
+        """`y + s_c (h̃ A_cᵀ) B_cᵀ` on the dropped-out input h̃, or the λ-mixture with the external expert."""
+        bound = self.binding
         if bound.dropout_keys is not None and self.dropout > 0:
             h = keyed_dropout(h, self.dropout, bound.dropout_keys, salt=self.index)
-        low = torch.bmm(h, a.transpose(1, 2)) * bound.scaling            # [C, n, r]
-        delta = torch.baddbmm(out.reshape(a.shape[0], -1, out.shape[-1]), low, b.transpose(1, 2))
-        return delta.reshape(out.shape)
+        a, b = bound.adapters[self.key_a], bound.adapters[self.key_b]
+        experts = [(a, b, bound.scaling)]
+        if mixture is not None:
+            expert_a, expert_b, mix = mixture
+            lam = torch.sigmoid(mix).view(-1, 1, 1)                     # [C, 1, 1]
+            experts = [(a, b, bound.scaling * lam), (expert_a, expert_b, bound.scaling * (1 - lam))]
+        for down, up, scale in experts:                                 # one or two experts, never clients
+            low = torch.bmm(h, down.transpose(1, 2)) * scale            # [C, n, r]
+            y = torch.baddbmm(y, low, up.transpose(1, 2))
+        return y
 
 
 class CohortHead(nn.Module):
