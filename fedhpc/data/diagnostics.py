@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from . import build_federated_data
 from .config import DataConfig
 from .planted import image_decoder, plant_teachers, render_images, teacher_labels
-from .seeding import make_rng
+from ..rng import make_rng
 
 __all__ = ["class_balance", "label_agreement", "linear_probe", "planted_report"]
 

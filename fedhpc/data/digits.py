@@ -11,7 +11,7 @@ import numpy as np
 from .config import DataConfig
 from .federated import FederatedData
 from .pooled import ImagePools, cap_indices, federate_pools
-from .seeding import make_rng
+from ..rng import make_rng
 
 __all__ = ["load_digits"]
 

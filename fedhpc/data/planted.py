@@ -15,7 +15,7 @@ the teacher's classes on a reference sample of z. Clients of a cluster share P_c
 label functions agree far more than across clusters; `groups` holds c(k). The global test
 set is labelled by the root teacher (W_root, b_root).
 
-Each random piece has its own stream (seeding.make_rng): the root, each cluster's and each
+Each random piece has its own stream (rng.make_rng): the root, each cluster's and each
 client's perturbation, and each client's samples, so client k's data never depends on the
 number of ranks. The partition config does not apply: a client's labels come from its
 teacher, not from a split of a shared pool.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .config import DataConfig, PlantedConfig
 from .federated import FederatedData
 from .partition import balanced_groups, choose_unseen
-from .seeding import make_rng
+from ..rng import make_rng
 
 __all__ = ["TextShape", "Teachers", "plant_teachers", "teacher_labels", "image_decoder",
            "render_images", "token_table", "render_tokens", "load_planted", "TOKEN_OFFSET"]

@@ -17,7 +17,7 @@ from .config import DataConfig
 from .federated import FederatedData
 from .images import channel_stats, normalise_, resize_images
 from .partition import choose_unseen, ensure_min_samples, matched_test_partition, partition_clients
-from .seeding import make_rng
+from ..rng import make_rng
 
 __all__ = ["ImagePools", "cap_indices", "federate_pools"]
 

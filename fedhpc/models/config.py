@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["ModelConfig", "LoraConfig"]
+from ..rng import Purpose, keyed_rng
 
-RANK_DRAW = 3  # purpose tag of the stream drawing heterogeneous ranks
+__all__ = ["ModelConfig", "LoraConfig"]
 
 
 @dataclass(kw_only=True)
@@ -89,7 +89,7 @@ class LoraConfig:
                 raise ValueError(f"lora.{key} has {len(pattern)} entries for only {num_clients} clients")
             return np.resize(np.asarray(pattern, dtype=np.int64), num_clients)
         if self.rank_choices:
-            rng = np.random.default_rng([seed, RANK_DRAW])
+            rng = keyed_rng(seed, purpose=Purpose.RANK_DRAW)
             probs = self.rank_probs or None
             return rng.choice(np.asarray(self.rank_choices, dtype=np.int64), size=num_clients, p=probs)
         return np.full(num_clients, self.r, dtype=np.int64)
