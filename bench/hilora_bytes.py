@@ -17,7 +17,7 @@ import torch
 from mpi4py import MPI
 
 from fedhpc.config import load_config
-from fedhpc.experiment import adapter_lora
+from fedhpc.assemble import adapter_lora
 from fedhpc.models.backbone import build_cohort_model
 from fedhpc.runtime.reduce import GroupReduction
 from fedhpc.strategies import build_strategy

@@ -1,4 +1,5 @@
-"""Accuracy of stacked adapters: per client on local test splits, and of one model on a shared set.
+"""Accuracy of stacked adapters: per client on local test splits, and of one model on a shared set;
+and which adapters each client is evaluated with (seen clients each round, new clients at the end).
 
 Evaluation batches have a fixed shape (`eval_batch_size` rows per client, padded and masked;
 the shared test set in fixed chunks), so a client's predictions never depend on which other
@@ -6,14 +7,18 @@ clients share its pass or how many ranks there are.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .models.cohort import CohortModel
+from .models.ranks import mask_to_ranks
+from .train.local import split_passes
 from .runtime.reduce import allreduce_sum
 from .runtime.world import block_range
 
-__all__ = ["client_accuracy", "shared_accuracy"]
+__all__ = ["client_accuracy", "shared_accuracy", "evaluate_round", "unseen_accuracy"]
 
 
 @torch.no_grad()
@@ -57,3 +62,64 @@ def shared_accuracy(model: CohortModel, adapters: dict[str, torch.Tensor], *, x:
         correct += int((model(xb.to(device), adapters).argmax(-1) == yb.to(device)).sum())
     total = allreduce_sum(torch.tensor([float(correct)]), comm=comm)
     return float(total[0]) / max(len(y), 1)
+
+
+# --- orchestration: which adapters each client is evaluated with ---------------------------------
+GLOBAL_CHUNK = 256  # rows per chunk of the shared test set (fixed: rank-count independent)
+
+
+def evaluate_round(run, server, store) -> tuple[dict, np.ndarray]:
+    """Round metrics (global accuracy, personalized mean / std / p10), and each seen client's
+    personalized accuracy in the order of `data.seen` (NaN: empty test split)."""
+    data, out = run.data, {}
+    global_adapters = run.strategy.global_model(server, run.init)
+    out["global_accuracy"] = math.nan if global_adapters is None else shared_accuracy(
+        run.model, global_adapters, x=data.global_test_x, y=data.global_test_y, chunk=GLOBAL_CHUNK,
+        comm=run.world.comm)
+    mine = run.world.clients[np.isin(run.world.clients, data.seen)]
+    accs = []
+    for ids in split_passes(mine, run.per_pass):
+        adapters = mask_to_ranks(run.strategy.configure_evaluate(server, store.get(ids), ids), run.ranks.of(ids))
+        accs.append(_local_accuracy(run, adapters, ids))
+    per_client = np.concatenate(run.world.comm.allgather(np.concatenate(accs) if accs else np.zeros(0)))
+    accs = per_client[np.isfinite(per_client)]
+    if len(accs):
+        out.update(personalized_mean=float(accs.mean()), personalized_std=float(accs.std()),
+                   personalized_p10=float(np.percentile(accs, 10)))
+    return out, per_client
+
+
+def unseen_accuracy(run, server) -> tuple[float, float]:
+    """Mean accuracy of held-out clients: zero-shot (after the strategy's probe, if any), then
+    after `eval.unseen_finetune_epochs` of local fine-tuning."""
+    from .clients import runnable, train_pass
+    from .train.plan import Task
+
+    data, cfg, strategy = run.data, run.cfg, run.strategy
+    if len(data.unseen) == 0:
+        return math.nan, math.nan
+    fresh = strategy.init_client(run.init)
+    zero, tuned = [], []
+    for ids in split_passes(data.unseen[np.isin(data.unseen, run.world.clients)], run.per_pass):
+        run_ids, real = runnable(ids), slice(0, len(ids))
+        state = {k: v.expand(len(run_ids), *v.shape[1:]) for k, v in fresh.items()}
+        probe = strategy.configure_client(server, state, run_ids, Task.PROBE)
+        if probe is not None:  # what the probe trained, the new client keeps
+            train_pass(run, probe, run_ids, task=Task.PROBE)
+            state = {k: probe.start.get(k, v) for k, v in state.items()}
+        adapters = mask_to_ranks(strategy.configure_evaluate(server, state, run_ids), run.ranks.of(run_ids))
+        zero.append(_local_accuracy(run, adapters, run_ids)[real])
+        if cfg.eval.unseen_finetune_epochs > 0:
+            plan = strategy.configure_client(server, state, run_ids, Task.FINETUNE)
+            train_pass(run, plan, run_ids, task=Task.FINETUNE)
+            tuned.append(_local_accuracy(run, plan.start, run_ids)[real])
+    gather = lambda parts: np.concatenate(run.world.comm.allgather(np.concatenate(parts) if parts else np.zeros(0)))
+    zero_all = gather(zero)
+    tuned_all = gather(tuned) if cfg.eval.unseen_finetune_epochs > 0 else np.array([math.nan])
+    return float(np.nanmean(zero_all)), float(np.nanmean(tuned_all))
+
+
+def _local_accuracy(run, adapters: dict[str, torch.Tensor], ids: np.ndarray) -> np.ndarray:
+    return client_accuracy(run.model, adapters, x=run.data.test_x, y=run.data.test_y,
+                           indices=[run.data.client_test[c] for c in ids], batch=run.cfg.train.eval_batch_size,
+                           scaling=run.scaling(ids))

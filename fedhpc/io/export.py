@@ -6,7 +6,7 @@
     backbone, _, _ = build_backbone(cfg.model, num_classes=..., seed=cfg.seed)   # the run's backbone
     model = PeftModel.from_pretrained(backbone, "exports/client3")               # same logits as fedhpc
 
-The adapters are whatever the strategy evaluates the client with (`strategy.personalized`,
+The adapters are whatever the strategy evaluates the client with (`strategy.configure_evaluate`,
 or `strategy.global_model`), read from the run's newest good checkpoint. Methods with several
 tiers (root + cluster + leaf) hand back their tiers concatenated along the rank dimension, and
 `[B_1 B_2 B_3] [A_1; A_2; A_3] = B_1 A_1 + B_2 A_2 + B_3 A_3` is exactly one merged LoRA of the
@@ -87,7 +87,7 @@ def export_adapter(run_dir: str | Path, *, client: int | None, out: str | Path) 
 
     from ..config import ExperimentConfig
     from ..configtree import build
-    from ..experiment import _setup
+    from ..assemble import assemble
     from .checkpoint import find_resumable, load, read_config
 
     comm = MPI.COMM_SELF
@@ -98,7 +98,7 @@ def export_adapter(run_dir: str | Path, *, client: int | None, out: str | Path) 
     cfg = build(ExperimentConfig, {**read_config(path), "device": "cpu"})
     if client is not None and not 0 <= client < cfg.num_clients:
         raise ValueError(f"export: --client must be in [0, {cfg.num_clients}), got {client}")
-    r = _setup(cfg, comm)
+    r = assemble(cfg, comm)
     ids = np.array([0 if client is None else client])
     saved = load(path, clients=ids, device="cpu")
     if client is None:
@@ -107,7 +107,7 @@ def export_adapter(run_dir: str | Path, *, client: int | None, out: str | Path) 
             raise ValueError(f"export: strategy '{cfg.strategy.name}' has no global model; export a --client")
         rank, scaling = r.ranks.max, r.ranks.max_scaling
     else:
-        adapters = r.strategy.personalized(saved.server, saved.clients, ids)
+        adapters = r.strategy.configure_evaluate(saved.server, saved.clients, ids)
         rank, scaling = int(r.ranks.of(ids)[0]), float(r.ranks.scaling(ids)[0])
     adapters = {k: _cut_to_rank(k, v, rank) for k, v in adapters.items()}
     return write_peft_adapter(adapters, model_cfg=cfg.model, lora_cfg=cfg.lora, num_classes=r.data.num_classes,

@@ -1,14 +1,15 @@
-"""The declared reductions: a weighted mean per group, and a gather in client-id order.
+"""Carrying out a declared exchange (`runtime/exchange.py`): local sums, then a few collectives.
 
-Mean per group: each rank sums its clients' contributions into `[num_groups, ...]` in float64
-as its passes finish, then a single `Allreduce` joins the ranks. Summing in float64 makes the
-result independent of how clients are spread over ranks (to float64 rounding, far below
-float32 resolution), and the bytes a rank sends are bounded by groups x adapter size, never
-by the number of clients it hosts.
+Mean blocks: each rank sums its clients' rows into `[num_groups, width + 1]` per block in float64
+(the last column sums the weights) as its passes finish; all blocks travel in one `Allreduce`.
+Summing in float64 makes the result independent of how clients are spread over ranks (to
+float64 rounding, far below float32 resolution), and the bytes a rank sends are bounded by
+groups x block size, never by the number of clients it hosts.
 
-Gather: methods that concatenate every client's factors (FLoRA, ILoRA) need the rows
-themselves; they travel in float32 with one `Allgatherv` and are sorted by client id, so
-the rank count changes nothing. Their bytes grow with the participants, as the method's do.
+Gathered blocks: methods that need every client's own factors (FLoRA, ILoRA, ...) get the rows
+themselves; all gathered blocks of a client travel as one float32 row with one `Allgatherv`
+(plus one for the float64 ids and weights) and are sorted by client id, so the rank count
+changes nothing. Their bytes grow with the participants, as the methods' do.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 
 from ..kernels import segment_sum
-from ..strategies.base import Contribution, Reduced
+from .exchange import Exchange, Means, Reduced, Rows
 
-__all__ = ["GroupReduction", "allreduce_sum"]
+__all__ = ["Reduction", "allreduce_sum"]
 
 
 def allreduce_sum(values: torch.Tensor, *, comm) -> torch.Tensor:
@@ -31,48 +32,63 @@ def allreduce_sum(values: torch.Tensor, *, comm) -> torch.Tensor:
     return torch.from_numpy(recv)
 
 
-class GroupReduction:
-    """Accumulates a rank's contributions pass by pass; `finish` joins all ranks.
+class Reduction:
+    """Accumulates a rank's uploads pass by pass; `finish` joins all ranks.
 
-    `shapes` gives each reduced key's per-client shape, so a rank without participants this
-    round still joins the collective (with zeros).
+    The exchange gives every block's per-client shapes, so a rank without participants this
+    round still joins the collectives (with zeros).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], num_groups: int,
-                 gather_shapes: dict[str, tuple[int, ...]] | None = None):
-        self.shapes = dict(shapes)
-        self.num_groups = num_groups
-        self.buffer = torch.zeros(num_groups, _width(self.shapes) + 1, dtype=torch.float64)
-        self.gather_shapes = dict(gather_shapes or {})
-        self.rows: list[torch.Tensor] = []  # gathered rows, float32 [C, width]
-        self.meta: list[torch.Tensor] = []  # (client id, weight) per gathered row, float64 [C, 2]
+    def __init__(self, exchange: Exchange, num_examples: np.ndarray):
+        self.exchange, self.num_examples = exchange, num_examples
+        self.sums = {name: torch.zeros(b.num_groups, _width(b.keys) + 1, dtype=torch.float64)
+                     for name, b in exchange.means().items()}
+        self.gathers = exchange.gathers()
+        self.rows: list[torch.Tensor] = []  # gathered rows, float32 [C, width of all gathered blocks]
+        self.meta: list[torch.Tensor] = []  # (client id, weight in each gathered block), float64
 
-    def add(self, contrib: Contribution) -> None:
-        w = contrib.weights.to("cpu", torch.float64)
-        rows = torch.cat([_flat(contrib.tensors[k], torch.float64) for k in self.shapes]
-                         + [torch.ones(len(w), 1, dtype=torch.float64)], dim=1)
-        self.buffer += segment_sum(rows, contrib.groups.to("cpu"), w, self.num_groups)
-        if self.gather_shapes:
-            self.rows.append(torch.cat([_flat(contrib.gathered[k], torch.float32) for k in self.gather_shapes], dim=1))
-            ids = torch.as_tensor(np.asarray(contrib.clients, dtype=np.float64).copy())
-            self.meta.append(torch.stack([ids, w], dim=1))
+    def add(self, clients: np.ndarray, upload: dict[str, torch.Tensor]) -> None:
+        """These clients' uploads `[C, ...]` (every key the exchange's blocks carry)."""
+        for name, block in self.exchange.means().items():
+            w = block.weight_of(clients, self.num_examples)
+            rows = torch.cat([_flat(upload[k], torch.float64) for k in block.keys]
+                             + [torch.ones(len(w), 1, dtype=torch.float64)], dim=1)
+            self.sums[name] += segment_sum(rows, block.group_of(clients), w, block.num_groups)
+        if self.gathers:
+            self.rows.append(torch.cat([_flat(upload[k], torch.float32)
+                                        for b in self.gathers.values() for k in b.keys], dim=1))
+            ids = torch.as_tensor(np.asarray(clients, dtype=np.float64).copy())
+            weights = [b.weight_of(clients, self.num_examples) for b in self.gathers.values()]
+            self.meta.append(torch.stack([ids, *weights], dim=1))
 
     def finish(self, *, comm) -> tuple[Reduced, int]:
-        """The reduction on every rank, and the bytes this rank contributed to the collectives."""
-        total = allreduce_sum(self.buffer, comm=comm)
-        weights = total[:, -1]
-        means = total[:, :-1] / weights.clamp(min=1e-300).unsqueeze(1)
-        reduced = Reduced(_split(means, self.shapes, torch.float32), weights)
-        sent = self.buffer.numel() * self.buffer.element_size()
-        if self.gather_shapes:
-            rows = torch.cat(self.rows) if self.rows else torch.zeros(0, _width(self.gather_shapes))
-            meta = torch.cat(self.meta) if self.meta else torch.zeros(0, 2, dtype=torch.float64)
+        """The reduction on every rank, and the bytes this rank sent to the collectives."""
+        reduced, sent = Reduced(), 0
+        if self.sums:
+            flat = torch.cat([s.flatten() for s in self.sums.values()])
+            total, offset = allreduce_sum(flat, comm=comm), 0
+            sent += flat.numel() * flat.element_size()
+            for (name, block), local in zip(self.exchange.means().items(), self.sums.values()):
+                part = total[offset:offset + local.numel()].view_as(local)
+                offset += local.numel()
+                weights = part[:, -1]
+                means = part[:, :-1] / weights.clamp(min=1e-300).unsqueeze(1)
+                reduced.blocks[name] = Means(_split(means, block.keys, torch.float32), weights)
+        if self.gathers:
+            width = sum(_width(b.keys) for b in self.gathers.values())
+            rows = torch.cat(self.rows) if self.rows else torch.zeros(0, width)
+            meta = torch.cat(self.meta) if self.meta else torch.zeros(0, 1 + len(self.gathers), dtype=torch.float64)
+            sent += rows.numel() * rows.element_size() + meta.numel() * meta.element_size()
             rows, meta = _allgather_rows(rows, comm=comm), _allgather_rows(meta, comm=comm)
             order = torch.argsort(meta[:, 0])
-            reduced.gathered = _split(rows[order], self.gather_shapes, torch.float32)
-            reduced.gathered_clients = meta[order, 0].to(torch.int64)
-            reduced.gathered_weights = meta[order, 1]
-            sent += sum(t.numel() * t.element_size() for t in self.rows + self.meta)
+            rows, meta, offset = rows[order], meta[order], 0
+            for index, (name, block) in enumerate(self.gathers.items()):
+                size = _width(block.keys)
+                weights = meta[:, 1 + index]
+                keep = weights > 0
+                values = _split(rows[keep, offset:offset + size], block.keys, torch.float32)
+                reduced.blocks[name] = Rows(values, meta[keep, 0].to(torch.int64), weights[keep])
+                offset += size
         return reduced, sent
 
 

@@ -1,8 +1,7 @@
 """Federated LoRA methods, one module each, registered by name."""
 from . import (cluster_fedit, fedex_lora, fedit, fedsa_lora, ffa_lora, flexlora, flora, hetlora, hilora,  # noqa: F401
                ilora, local, lora_fair)  # (registration)
-from .base import (Contribution, Reduced, Strategy, StrategyConfig, build_strategy, list_strategies,
-                   register_strategy)
+from .base import Population, RoundPlan, Strategy, StrategyConfig, build_strategy, list_strategies, register_strategy
 
-__all__ = ["Contribution", "Reduced", "Strategy", "StrategyConfig", "build_strategy", "list_strategies",
+__all__ = ["Population", "RoundPlan", "Strategy", "StrategyConfig", "build_strategy", "list_strategies",
            "register_strategy"]

@@ -1,37 +1,44 @@
 """The strategy contract: what a federated LoRA method decides, as pure functions of tensors.
 
-A strategy never calls MPI and never loops over clients in Python. Per round it
-- `broadcast`s: the starting adapters of the cohort's clients `[C, ...]`, from the replicated
-  server state and what each client kept from earlier rounds;
-- says what trains (`trainable`) and how (`hooks`: extra losses, gradient transforms);
-- `contribute`s: tensors `[C, ...]`, a weight and a group id per client (the declared
-  reduction: a weighted mean per group, group = root, cluster or client), and optionally
-  tensors to be gathered whole in client-id order (concatenation methods: FLoRA, ILoRA);
-- `aggregate`s: new server state from the reduced group means and the gathered rows,
-  identically on every rank.
-What a round moves (`exchange`) may depend on the server state, e.g. on a method's stage.
+A strategy never calls MPI and never loops over clients in Python where a stacked op will do.
+Its verbs follow Flower's Strategy, in the order a round calls them (every rank calls each
+with the same arguments, except the client verbs, which see the clients the rank hosts):
 
-State lives in tensors, never in the strategy object (which holds only its config), so a
-checkpoint of tensors resumes any method:
-- server state: a dict of tensors replicated on every rank; a tier's tensors lead with its
-  group count (1 for a root-level model); cluster ids, control variates, stage counters too;
-- client state: per client, the adapter keys it `keeps()` plus `client_state()` extras
-  (e.g. a control variate), stored stacked `[clients, ...]` by the rank hosting the client.
+  server  init_server        once: the replicated server state
+  client  init_client        once: what every client holds before its first round
+  server  configure_train    each round: who trains, and the declared `Exchange` (blocks up, keys down)
+  client  configure_client   each pass of clients: a `ClientPlan` (start adapters, what trains,
+                             hooks, optimizer); also for a new client's probe and fine-tuning (`Task`)
+  client  finish_client      after local training: the state each client keeps, and its upload
+  server  aggregate_train    the new server state from the reduction (`Reduced`, by block name)
+  eval    configure_evaluate the adapters each client is evaluated with (seen, or new after its probe)
+  eval    global_model       the adapters of the shared model, or None
+  log     metrics            method-specific numbers for the round log and summary
+
+State lives in tensors, never in the strategy object (which holds only its config and the
+population's fixed facts), so a checkpoint of tensors resumes any method:
+- server state: a dict of tensors replicated on every rank (a tier's tensors lead with its
+  group count; cluster ids, control variates, stage counters too);
+- client state: per client, a dict of `[1, ...]` tensors from `init_client` (kept adapters,
+  control variates, projected moments, ...), stored stacked `[clients, ...]` by its rank.
 Adapter keys follow peft (`<module>.lora_A`, `<module>.lora_B`) plus `head.weight` / `head.bias`.
+
+The base class is FedIT: everything shared, one mean block, every client in one group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..configtree import Selectable
 from ..models.ranks import ClientRanks
-from ..train.local import LocalHooks
+from ..runtime.exchange import Block, Exchange, Means, Reduced
+from ..train.plan import ClientPlan, LocalHooks, Task
 
-__all__ = ["StrategyConfig", "Strategy", "Contribution", "Reduced", "Exchange", "Probe", "register_strategy",
-           "build_strategy", "list_strategies", "is_lora_a", "is_lora_b", "is_head"]
+__all__ = ["StrategyConfig", "Strategy", "Population", "RoundPlan", "register_strategy", "build_strategy",
+           "list_strategies", "is_lora_a", "is_lora_b", "is_head"]
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
@@ -66,57 +73,29 @@ class StrategyConfig(Selectable):
         return r
 
 
-@dataclass
-class Contribution:
-    """What a cohort sends up: tensors `[C, ...]`, weights `[C]`, group ids `[C]` in [0, num_groups).
+@dataclass(frozen=True)
+class Population:
+    """Fixed facts about every client, indexed by client id."""
+    num_examples: np.ndarray
+    """`[num_clients]` training samples per client (the default weight of its upload)."""
+    groups: np.ndarray
+    """`[num_clients]` true latent group (-1: unknown); oracle baselines and diagnostics only."""
+    ranks: ClientRanks
+    """LoRA rank and scaling per client."""
+    seed: int = 0
+    """The experiment seed (for a strategy's own keyed random streams, `fedhpc.rng`)."""
 
-    `tensors` are averaged per group; `gathered` tensors `[C, ...]` reach every rank whole,
-    in client-id order (`clients` names the rows).
-    """
-    tensors: dict[str, torch.Tensor]
-    weights: torch.Tensor
-    groups: torch.Tensor
-    num_groups: int
-    gathered: dict[str, torch.Tensor] = field(default_factory=dict)
-    clients: np.ndarray | None = None
-
-
-@dataclass
-class Reduced:
-    """The declared reduction's result, the same on every rank."""
-    means: dict[str, torch.Tensor]
-    """`[num_groups, ...]` weighted means; a group nobody contributed to holds zeros."""
-    weights: torch.Tensor
-    """`[num_groups]` total weight per group (0: group absent this round)."""
-    gathered: dict[str, torch.Tensor] = field(default_factory=dict)
-    """`[P, ...]` rows of every participant, sorted by client id."""
-    gathered_clients: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
-    """`[P]` client id of each gathered row."""
-    gathered_weights: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    """`[P]` weight of each gathered row."""
+    @property
+    def size(self) -> int:
+        return len(self.num_examples)
 
 
 @dataclass
-class Exchange:
-    """What one round moves: per-client shapes the reduction averages per group (`means`) and
-    gathers whole (`gathered`), and the bytes each participant sends and receives on the
-    modelled client-server wire (float32). Bytes left None are counted from the keys the
-    strategy sends, each client's tensors at its true rank."""
-    means: dict[str, tuple[int, ...]]
-    num_groups: int
-    gathered: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    bytes_up: int | None = None
-    bytes_down: int | None = None
-
-
-@dataclass
-class Probe:
-    """A short local training a new (unseen) client runs before its first evaluation."""
-    adapters: dict[str, torch.Tensor]
-    """Starting adapters `[C, ...]`; every key trains (the hooks mask what must not move)."""
-    hooks: LocalHooks
-    steps: int
-    """Local steps of the probe."""
+class RoundPlan:
+    """The server's plan for one round."""
+    participants: np.ndarray
+    """Sorted ids of the clients that train."""
+    exchange: Exchange
 
 
 class Strategy:
@@ -124,152 +103,116 @@ class Strategy:
 
     Config = StrategyConfig
 
-    def __init__(self, cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray, ranks: ClientRanks | None = None):
+    def __init__(self, cfg: StrategyConfig, *, shapes: dict[str, tuple[int, ...]], population: Population):
         self.cfg = cfg
-        self.keys = list(keys)
-        self.groups = groups
-        """True latent group per client (used by oracle baselines only)."""
-        self.ranks = ranks
-        """Rank and LoRA scaling per client (None: not given, rank-agnostic methods need none)."""
+        self.shapes = dict(shapes)
+        """Per-client shape of every adapter key of the model."""
+        self.keys = list(shapes)
+        self.population = population
+        self.ranks = population.ranks
 
-    def shape_of(self, key: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-        """Per-client shape of a key this strategy sends or keeps (`shapes`: the adapters')."""
-        return shapes[key]
-
-    def down_rank(self, own: int, participants: np.ndarray) -> int:
-        """Rank at which a client of rank `own` receives the LoRA factors, given all participants'
-        ranks (stacking methods send more than the client's own rank)."""
-        return own
-
-    # --- what clients keep between rounds -------------------------------------------------
-    def kept(self) -> list[str]:
-        """Adapter keys each client keeps from round to round (its private state)."""
-        return [k for k in self.keys if self.keeps(k)]
-
-    def keeps(self, key: str) -> bool:
-        return False
-
-    def client_state(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Extra per-client tensors `[1, ...]` kept between rounds (initial values), beyond kept adapters."""
-        return {}
-
-    def update_clients(self, server: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
-                       state: dict[str, torch.Tensor], clients: np.ndarray) -> dict[str, torch.Tensor]:
-        """New client state after local training (`state`: kept adapters + extras before it)."""
-        return {k: trained[k] for k in self.kept()}
-
-    # --- DOWN ------------------------------------------------------------------------------
+    # --- state ------------------------------------------------------------------------------
     def init_server(self, init: dict[str, torch.Tensor], *,
-                    frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Server state from the shared initial adapters `[1, ...]` (and, for methods that need
-        them, the frozen weights W0 `[d_out, d_in]` of the adapted modules by name)."""
-        return {k: v.clone() for k, v in init.items() if k in self.shared()}
+                    frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Server state from the shared initial adapters `[1, ...]` and the frozen weights W0
+        `[d_out, d_in]` of the adapted modules by name. Called once, before round 1."""
+        return {k: init[k].clone() for k in self.keys if k not in self.private()}
 
-    def shared(self) -> list[str]:
-        """Keys the server holds: everything clients do not keep privately."""
-        return [k for k in self.keys if not self.keeps(k)]
+    def init_client(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What every client holds before its first round, `[1, ...]` per key (kept adapters and
+        extras); the runtime stores it per client and hands it back to the client verbs."""
+        return kept_init(init, self.private())
 
-    def sent_down(self) -> list[str]:
-        """Keys transmitted to each participating client (bytes down are counted on these)."""
-        return self.shared()
+    # --- the round --------------------------------------------------------------------------
+    def configure_train(self, server: dict[str, torch.Tensor], sampled: np.ndarray, seen: np.ndarray) -> RoundPlan:
+        """Who trains this round (`sampled` by the config, from the `seen` clients) and what
+        travels: called once per round before local training, identically on every rank."""
+        shared = {k: s for k, s in self.shapes.items() if k not in self.private()}
+        return RoundPlan(sampled, Exchange({"shared": Block(shared)} if shared else {}, down=shared))
 
-    def broadcast(self, server: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
-                  clients: np.ndarray) -> dict[str, torch.Tensor]:
-        """Starting adapters `[C, ...]`: server tensors for shared keys, the client's own for kept keys."""
-        count = len(clients)
-        out = {}
-        for key in self.keys:
-            if self.keeps(key):
-                out[key] = kept[key].clone()
-            else:
-                rows = self.server_rows(clients)
-                out[key] = server[key][rows].clone() if rows is not None else server[key].expand(count, *server[key].shape[1:]).clone()
-        return out
+    def configure_client(self, server: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                         clients: np.ndarray, task: Task) -> ClientPlan | None:
+        """How these clients train (`state`: their stored state, `[C, ...]`). For `Task.TRAIN`,
+        each pass of a round; for a new client, `Task.PROBE` first (None: no probe) and then
+        `Task.FINETUNE`, which by default fine-tunes every adapter key from what it was
+        evaluated with."""
+        if task == Task.PROBE:
+            return None
+        if task == Task.FINETUNE:
+            return ClientPlan(self.configure_evaluate(server, state, clients), list(self.keys))
+        return ClientPlan(self.receive(server, state, clients), list(self.keys))
 
-    def server_rows(self, clients: np.ndarray) -> torch.Tensor | None:
-        """Which server group each client starts from (None: all from group 0)."""
-        return None
+    def finish_client(self, server: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                      state: dict[str, torch.Tensor], clients: np.ndarray
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """After a round's local training: (new state, upload). `trained` holds the trained
+        adapters, the hooks' `results()` and the optimizer state under `optimizer.<key>`; the
+        upload must hold every key of the round's blocks, `[C, ...]`."""
+        return {k: trained[k] for k in state if k in trained}, trained
 
-    # --- LOCAL -----------------------------------------------------------------------------
-    def trainable(self) -> list[str]:
-        return list(self.keys)
-
-    def hooks(self, server: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-              clients: np.ndarray) -> LocalHooks:
-        """Local-training additions for these clients (`state`: their kept adapters + extras)."""
-        return LocalHooks()
-
-    # --- UP --------------------------------------------------------------------------------
-    def sent_up(self) -> list[str]:
-        """Keys each client uploads and the reduction averages (bytes up are counted on these)."""
-        return self.sent_down()
-
-    def gathered_up(self) -> list[str]:
-        """Keys each client uploads to be gathered whole (also counted in bytes up)."""
-        return []
-
-    def num_groups(self) -> int:
-        return 1
-
-    def group_of(self, clients: np.ndarray) -> torch.Tensor:
-        return torch.zeros(len(clients), dtype=torch.int64)
-
-    def exchange(self, server: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> Exchange:
-        """This round's traffic, from the server state and the model's per-client adapter shapes."""
-        return Exchange({k: self.shape_of(k, shapes) for k in self.sent_up()}, self.num_groups(),
-                        {k: self.shape_of(k, shapes) for k in self.gathered_up()})
-
-    def participants(self, server: dict[str, torch.Tensor], sampled: np.ndarray, seen: np.ndarray) -> np.ndarray:
-        """Who trains this round: the sampled clients, unless a round needs everyone (HiLoRA's clustering)."""
-        return sampled
-
-    def contribute(self, trained: dict[str, torch.Tensor], clients: np.ndarray, weights: torch.Tensor, *,
-                   server: dict[str, torch.Tensor] | None = None,
-                   state: dict[str, torch.Tensor] | None = None) -> Contribution:
-        """Tensors to reduce; `server` is this round's server state, `state` the clients' state
-        after `update_clients`."""
-        return Contribution({k: trained[k] for k in self.sent_up()}, weights, self.group_of(clients), self.num_groups(),
-                            gathered={k: trained[k] for k in self.gathered_up()}, clients=clients)
-
-    # --- AGGREGATE -------------------------------------------------------------------------
-    def aggregate(self, server: dict[str, torch.Tensor], reduced: Reduced, *, round_index: int) -> dict[str, torch.Tensor]:
-        """Weighted means replace the server tensors of every group that took part."""
-        present = reduced.weights > 0
+    def aggregate_train(self, server: dict[str, torch.Tensor], reduced: Reduced, *,
+                        round_index: int) -> dict[str, torch.Tensor]:
+        """The new server state, identically on every rank; by default each mean block's group
+        means replace the server tensors of the groups that took part."""
         new = dict(server)
-        for key, mean in reduced.means.items():
-            keep = present.view(-1, *([1] * (mean.dim() - 1)))
-            new[key] = torch.where(keep, mean.to(server[key].dtype), server[key])
+        for block in reduced.blocks.values():
+            if isinstance(block, Means):
+                new.update(replace_present(server, block))
         return new
 
-    # --- EVALUATE --------------------------------------------------------------------------
+    # --- evaluation ---------------------------------------------------------------------------
+    def configure_evaluate(self, server: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                           clients: np.ndarray) -> dict[str, torch.Tensor]:
+        """Adapters `[C, ...]` each client is evaluated with on its local test split (also a new
+        client, zero-shot, with the state its probe left)."""
+        return self.receive(server, state, clients)
+
     def global_model(self, server: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Adapters `[1, ...]` of the global model; None when the method has none."""
+        """Adapters `[1, ...]` of the global model, evaluated on the shared test set; None when the
+        method has none."""
         return {k: (server[k][:1] if k in server else init[k]) for k in self.keys}
-
-    def personalized(self, server: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
-                     clients: np.ndarray) -> dict[str, torch.Tensor]:
-        """Adapters `[C, ...]` each client is evaluated with on its local test split."""
-        return self.broadcast(server, kept, clients)
-
-    # --- UNSEEN CLIENTS --------------------------------------------------------------------
-    def unseen_probe(self, server: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
-                     clients: np.ndarray) -> Probe | None:
-        """A probe training new clients run first (None: they start from `unseen_start` directly)."""
-        return None
-
-    def unseen_start(self, server: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], clients: np.ndarray,
-                     probed: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], LocalHooks]:
-        """Adapters `[C, ...]` new clients are evaluated with zero-shot and then fine-tuned from, and the
-        fine-tuning hooks; `probed` holds the probe's trained adapters (None without a probe)."""
-        return self.broadcast(server, kept, clients), self.hooks(server, kept, clients)
 
     def metrics(self, server: dict[str, torch.Tensor]) -> dict:
         """Method-specific numbers logged each round and in the summary (e.g. clusters found)."""
         return {}
 
+    # --- helpers for subclasses (not part of the contract) ---------------------------------------
+    def private(self) -> list[str]:
+        """Adapter keys each client keeps to itself (the defaults' split of shared and private)."""
+        return []
+
+    def receive(self, server: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                clients: np.ndarray, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Adapters `[C, ...]`: a client's kept tensor where its state has the key, else the server's
+        (group `rows[c]` of it, or group 0)."""
+        out = {}
+        for key in self.keys:
+            if key in state:
+                out[key] = state[key].clone()
+            elif rows is not None:
+                out[key] = server[key][rows].clone()
+            else:
+                out[key] = server[key].expand(len(clients), *server[key].shape[1:]).clone()
+        return out
+
     def summary(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self.cfg).items())
         return f"strategy {self.cfg.name}: {fields}"
+
+
+def replace_present(server: dict[str, torch.Tensor], block: Means) -> dict[str, torch.Tensor]:
+    """The block's group means where a group took part (weight > 0), the server's tensors elsewhere."""
+    present = block.weights > 0
+    out = {}
+    for key, mean in block.values.items():
+        keep = present.view(-1, *([1] * (mean.dim() - 1))).to(server[key].device)
+        out[key] = torch.where(keep, mean.to(server[key]), server[key])
+    return out
+
+
+def kept_init(init: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The initial adapters of `keys` `[1, ...]`: a client state that keeps them private."""
+    return {k: init[k].clone() for k in keys}
 
 
 def register_strategy(name: str):
@@ -285,8 +228,11 @@ def list_strategies() -> list[str]:
     return sorted(STRATEGIES)
 
 
-def build_strategy(cfg: StrategyConfig, *, keys: list[str], groups: np.ndarray,
-                   ranks: ClientRanks | None = None) -> Strategy:
+def build_strategy(cfg: StrategyConfig, *, shapes: dict[str, tuple[int, ...]], population: Population) -> Strategy:
     if cfg.name not in STRATEGIES:
         raise ValueError(f"unknown strategy '{cfg.name}' (known: {', '.join(list_strategies())})")
-    return STRATEGIES[cfg.name](cfg, keys=keys, groups=groups, ranks=ranks)
+    return STRATEGIES[cfg.name](cfg, shapes=shapes, population=population)
+
+
+# re-exported for strategy modules: the plan types they build
+__all__ += ["ClientPlan", "LocalHooks", "Task", "Block", "Exchange", "Reduced", "replace_present", "kept_init"]

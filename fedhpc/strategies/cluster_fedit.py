@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .base import Strategy, StrategyConfig, register_strategy
+from .base import Block, Exchange, RoundPlan, Strategy, StrategyConfig, register_strategy
 
 
 @dataclass(kw_only=True)
@@ -26,24 +25,24 @@ class ClusterFedITConfig(StrategyConfig):
 class ClusterFedIT(Strategy):
     Config = ClusterFedITConfig
 
-    def __init__(self, cfg, *, keys, groups, ranks=None):
-        super().__init__(cfg, keys=keys, groups=groups, ranks=ranks)
+    def __init__(self, cfg, *, shapes, population):
+        super().__init__(cfg, shapes=shapes, population=population)
+        groups = population.groups
         if groups.size == 0 or (groups < 0).any():
             raise ValueError("strategy cluster_fedit needs data with known client groups "
                              "(data.name=planted, or partition.kind=grouped / domain)")
         self.count = int(groups.max()) + 1
 
-    def num_groups(self) -> int:
-        return self.count
+    def init_server(self, init, *, frozen):
+        return {k: v.expand(self.count, *v.shape[1:]).clone() for k, v in super().init_server(init, frozen=frozen).items()}
 
-    def group_of(self, clients: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(self.groups[clients], dtype=torch.int64)
+    def configure_train(self, server, sampled, seen):
+        block = Block(dict(self.shapes), groups=self.population.groups, num_groups=self.count)
+        return RoundPlan(sampled, Exchange({"shared": block}, down=dict(self.shapes)))
 
-    def server_rows(self, clients: np.ndarray) -> torch.Tensor:
-        return self.group_of(clients)
-
-    def init_server(self, init, *, frozen=None):
-        return {k: v.expand(self.count, *v.shape[1:]).clone() for k, v in super().init_server(init).items()}
+    def receive(self, server, state, clients, rows=None):
+        rows = torch.as_tensor(self.population.groups[clients], dtype=torch.int64)
+        return super().receive(server, state, clients, rows)
 
     def global_model(self, server, init):
         return None

@@ -1,11 +1,16 @@
 """What the product-space methods share: gathered factors at true rank, product units, base deltas.
 
 FLoRA, FlexLoRA, HetLoRA, FedEx-LoRA, LoRA-FAIR and ILoRA need each participant's own
-factors, not their mean: A_k and B_k are gathered whole (in client-id order) and cut to
-the client's true rank r_k; the head is averaged as in FedIT. The exact aggregate they
-approximate or reproduce is the weighted product (K1, algorithms.md §1.3)
+factors, not their mean: A_k and B_k are gathered whole (in client-id order, one `gather`
+block) and read at the client's true rank r_k; the head is averaged as in FedIT (a `mean`
+block). The exact aggregate they approximate or reproduce is the weighted product (K1,
+algorithms.md §1.3)
 
     ΔW = Σ_k p_k s_k B_k A_k ,   p_k = n_k / Σ_j n_j ,   s_k = lora_alpha / r_k .
+
+Gathered factors stay stacked and zero-padded to r_max (`Participants`): padded rows of A and
+columns of B are exactly zero, so stacked products and `lowrank_aggregate(..., ranks=)` see
+each client at its own rank with no Python loop over participants.
 
 Two conventions for the server's factors (B, A) at r_max:
 - adapter units: client k starts from B[:, :r_k], A[:r_k] and applies its own s_k
@@ -21,12 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..models.cohort import base_delta_key
-from .base import Reduced, Strategy, is_lora_a, is_lora_b
+from .base import Block, Exchange, Reduced, RoundPlan, Strategy, is_lora_a, is_lora_b
 
 __all__ = ["Participants", "FactorStrategy", "lora_modules", "weighted_factors", "padded_mean"]
+
+FACTORS, SHARED = "factors", "shared"  # block names: gathered LoRA factors, averaged rest (the head)
 
 
 def lora_modules(keys: list[str]) -> list[str]:
@@ -36,11 +44,11 @@ def lora_modules(keys: list[str]) -> list[str]:
 
 @dataclass
 class Participants:
-    """One module's gathered factors, each cut to its client's true rank, in float64."""
-    B: list[torch.Tensor]
-    """`[d_out, r_k]` per participant."""
-    A: list[torch.Tensor]
-    """`[r_k, d_in]` per participant."""
+    """One module's gathered factors, stacked and zero-padded to r_max, in float64."""
+    B: torch.Tensor
+    """`[P, d_out, r_max]` (columns from r_k on are zero)."""
+    A: torch.Tensor
+    """`[P, r_max, d_in]` (rows from r_k on are zero)."""
     p: torch.Tensor
     """`[P]` normalised sample weights."""
     s: torch.Tensor
@@ -54,35 +62,43 @@ class FactorStrategy(Strategy):
 
     product_units = False
 
-    def __init__(self, cfg, *, keys, groups, ranks=None):
-        super().__init__(cfg, keys=keys, groups=groups, ranks=ranks)
-        if ranks is None:
-            raise ValueError(f"strategy {cfg.name} needs the clients' ranks (ClientRanks)")
+    def __init__(self, cfg, *, shapes, population):
+        super().__init__(cfg, shapes=shapes, population=population)
         self.modules = lora_modules(self.keys)
 
     def lora(self) -> list[str]:
         return [k for k in self.keys if is_lora_a(k) or is_lora_b(k)]
 
-    def sent_up(self) -> list[str]:
-        return [k for k in self.shared() if k not in self.lora()]
+    # --- the exchange ---------------------------------------------------------------------
+    def gathered_up(self) -> dict[str, tuple[int, ...]]:
+        """Per-client shapes of what each client uploads whole (its factors, plus a method's extras)."""
+        return {k: self.shapes[k] for k in self.lora()}
 
-    def gathered_up(self) -> list[str]:
-        return self.lora()
+    def sent_down(self) -> dict[str, tuple[int, ...]]:
+        """Per-client shapes of what each participant receives."""
+        return {k: self.shapes[k] for k in self.keys}
+
+    def down_ranks(self, participants: np.ndarray) -> np.ndarray | None:
+        """`[num_clients]` rank the LoRA factors travel down at (None: each client's own)."""
+        return None
+
+    def configure_train(self, server, sampled, seen):
+        averaged = {k: self.shapes[k] for k in self.keys if k not in self.lora()}
+        blocks = {SHARED: Block(averaged), FACTORS: Block(self.gathered_up(), reduce="gather")}
+        return RoundPlan(sampled, Exchange(blocks, down=self.sent_down(), down_ranks=self.down_ranks(sampled)))
 
     def gathered_factors(self, reduced: Reduced, module: str) -> Participants:
-        ranks = self.ranks.of(reduced.gathered_clients.numpy())
-        Bs = reduced.gathered[f"{module}.lora_B"].double()
-        As = reduced.gathered[f"{module}.lora_A"].double()
-        w = reduced.gathered_weights.double()
-        return Participants(B=[b[:, :r] for b, r in zip(Bs, ranks.tolist())],
-                            A=[a[:r] for a, r in zip(As, ranks.tolist())],
+        rows = reduced[FACTORS]
+        ranks = self.ranks.of(rows.clients.numpy())
+        w = rows.weights.double()
+        return Participants(B=rows.values[f"{module}.lora_B"].double(), A=rows.values[f"{module}.lora_A"].double(),
                             p=w / w.sum(), s=self.ranks.lora_alpha / ranks.double(), ranks=ranks)
 
     # --- server state -------------------------------------------------------------------
-    def init_server(self, init, *, frozen=None):
+    def init_server(self, init, *, frozen):
         """In product units the shared init A_0 is stored as s_max A_0: a rank-r_max client starts at
         peft's init, a rank-r_k client at (r_k / r_max) A_0 (B = 0, so every product starts at 0)."""
-        server = super().init_server(init)
+        server = super().init_server(init, frozen=frozen)
         if self.product_units:
             for m in self.modules:
                 server[f"{m}.lora_A"] = server[f"{m}.lora_A"] * self.ranks.max_scaling
@@ -101,12 +117,12 @@ class FactorStrategy(Strategy):
         out.update({base_delta_key(m): server[base_delta_key(m)] for m in self.modules if base_delta_key(m) in server})
         return out
 
-    def broadcast(self, server, kept, clients):
-        out = super().broadcast(server, kept, clients)
+    def receive(self, server, state, clients, rows=None):
+        out = super().receive(server, state, clients, rows)
         if self.product_units:
             s = self.ranks.scaling(clients).to(device=server[self.keys[0]].device, dtype=torch.float32)
             for key in self.keys:
-                if is_lora_a(key) and not self.keeps(key):
+                if is_lora_a(key) and key not in state:
                     out[key] = out[key] / s.view(-1, 1, 1)
         return self._with_deltas(out, server)
 
@@ -121,19 +137,15 @@ class FactorStrategy(Strategy):
         """A float64 result `[...]` as a server tensor `[1, ...]` of `like`'s dtype and device."""
         return tensor.unsqueeze(0).to(device=like.device, dtype=like.dtype)
 
-    @staticmethod
-    def padded(t: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
-        """Zero-pad a factor's rank axis to `rank`."""
-        pad = rank - t.shape[axis]
-        return torch.nn.functional.pad(t, (0, pad) if axis == 1 else (0, 0, 0, pad))
-
 
 def weighted_factors(part: Participants, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked B_c `[d_out, R]` and weighted A_c `[R, d_in]` with B_c A_c = Σ_k weights_k B_k A_k."""
-    return torch.cat(part.B, dim=1), torch.cat([w * a for w, a in zip(weights, part.A)], dim=0)
+    """B_c `[d_out, P r_max]` and weighted A_c `[P r_max, d_in]` with B_c A_c = Σ_k weights_k B_k A_k
+    (the padded columns and rows are zero, so they add nothing)."""
+    P, d_out, r = part.B.shape
+    return (part.B.permute(1, 0, 2).reshape(d_out, P * r),
+            (weights.view(-1, 1, 1) * part.A).reshape(P * r, part.A.shape[-1]))
 
 
-def padded_mean(tensors: list[torch.Tensor], weights: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
-    """Σ_k weights_k pad(T_k) with each factor zero-padded to `rank` along `axis`."""
-    return sum(w * FactorStrategy.padded(t, rank, axis) for w, t in zip(weights, tensors))
-
+def padded_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k weights_k T_k of stacked zero-padded factors `[P, ...]`."""
+    return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)

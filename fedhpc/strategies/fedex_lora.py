@@ -31,18 +31,17 @@ class FedExLoRAConfig(StrategyConfig):
 class FedExLoRA(FactorStrategy):
     Config = FedExLoRAConfig
 
-    def init_server(self, init, *, frozen=None):
-        return {**super().init_server(init), **self.zero_deltas(init)}
+    def init_server(self, init, *, frozen):
+        return {**super().init_server(init, frozen=frozen), **self.zero_deltas(init)}
 
-    def down_rank(self, own, participants):
-        return own + int(participants.sum()) + int(self.ranks.max)
+    def down_ranks(self, participants):
+        return self.ranks.ranks + int(self.ranks.ranks[participants].sum()) + self.ranks.max
 
-    def aggregate(self, server, reduced, *, round_index):
-        new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
+    def aggregate_train(self, server, reduced, *, round_index):
+        new = super().aggregate_train(server, reduced, round_index=round_index)  # the head's mean
         for m in self.modules:
             part = self.gathered_factors(reduced, m)
-            a_mean = padded_mean(part.A, part.p, self.ranks.max, 0)
-            b_mean = padded_mean(part.B, part.p, self.ranks.max, 1)
+            a_mean, b_mean = padded_mean(part.A, part.p), padded_mean(part.B, part.p)
             Bc, Ac = weighted_factors(part, part.p * part.s)
             residual = Bc @ Ac - self.ranks.max_scaling * (b_mean @ a_mean)
             key = base_delta_key(m)

@@ -24,5 +24,5 @@ class FedITConfig(StrategyConfig):
 class FedIT(Strategy):
     Config = FedITConfig
 
-    def keeps(self, key: str) -> bool:
-        return is_head(key) and not self.cfg.aggregate_head
+    def private(self) -> list[str]:
+        return [] if self.cfg.aggregate_head else [k for k in self.keys if is_head(k)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Strategy, StrategyConfig, is_lora_a, register_strategy
+from .base import Strategy, StrategyConfig, is_head, is_lora_a, register_strategy
 
 
 @dataclass(kw_only=True)
@@ -24,8 +24,8 @@ class FedSALoRAConfig(StrategyConfig):
 class FedSALoRA(Strategy):
     Config = FedSALoRAConfig
 
-    def keeps(self, key: str) -> bool:
-        return not (is_lora_a(key) or (self.cfg.share_head and key.startswith("head.")))
+    def private(self) -> list[str]:
+        return [k for k in self.keys if not (is_lora_a(k) or (self.cfg.share_head and is_head(k)))]
 
     def global_model(self, server, init):
         return None  # B and the head are private: there is no meaningful global model

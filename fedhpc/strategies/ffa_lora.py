@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Strategy, StrategyConfig, is_lora_a, register_strategy
+from .base import Block, Exchange, RoundPlan, Strategy, StrategyConfig, Task, is_lora_a, register_strategy
 
 
 @dataclass(kw_only=True)
@@ -24,8 +24,12 @@ class FFALoRAConfig(StrategyConfig):
 class FFALoRA(Strategy):
     Config = FFALoRAConfig
 
-    def trainable(self) -> list[str]:
-        return [k for k in self.keys if not is_lora_a(k)]
+    def configure_train(self, server, sampled, seen):
+        sent = {k: s for k, s in self.shapes.items() if not is_lora_a(k)}
+        return RoundPlan(sampled, Exchange({"shared": Block(sent)}, down=sent))
 
-    def sent_down(self) -> list[str]:
-        return [k for k in self.shared() if not is_lora_a(k)]
+    def configure_client(self, server, state, clients, task):
+        plan = super().configure_client(server, state, clients, task)
+        if task == Task.TRAIN:
+            plan.trainable = [k for k in plan.trainable if not is_lora_a(k)]
+        return plan

@@ -31,7 +31,7 @@ class FlexLoRAConfig(StrategyConfig):
 
 def svd_factors(part, weights, rank: int, method: str = "exact"):
     """B = U √Σ `[d_out, rank]`, A = √Σ Vᵀ `[rank, d_in]` of Σ_k weights_k B_k A_k (float64)."""
-    U, S, Vh = lowrank_aggregate(part.B, part.A, weights, rank=rank, method=method)
+    U, S, Vh = lowrank_aggregate(part.B, part.A, weights, rank=rank, ranks=part.ranks, method=method)
     root = S.clamp(min=0).sqrt()
     return U * root, root.unsqueeze(1) * Vh
 
@@ -41,8 +41,8 @@ class FlexLoRA(FactorStrategy):
     Config = FlexLoRAConfig
     product_units = True
 
-    def aggregate(self, server, reduced, *, round_index):
-        new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
+    def aggregate_train(self, server, reduced, *, round_index):
+        new = super().aggregate_train(server, reduced, round_index=round_index)  # the head's mean
         for m in self.modules:
             part = self.gathered_factors(reduced, m)
             B, A = svd_factors(part, part.p * part.s, self.ranks.max, self.cfg.svd_method)

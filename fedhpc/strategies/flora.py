@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ..models.cohort import base_delta_key
+from ..rng import Purpose, keyed_torch_generator
 from .base import StrategyConfig, register_strategy
 from .factors import FactorStrategy, weighted_factors
 
@@ -35,14 +37,14 @@ class FLoRAConfig(StrategyConfig):
 class FLoRA(FactorStrategy):
     Config = FLoRAConfig
 
-    def init_server(self, init, *, frozen=None):
-        return {**super().init_server(init), **self.zero_deltas(init)}
+    def init_server(self, init, *, frozen):
+        return {**super().init_server(init, frozen=frozen), **self.zero_deltas(init)}
 
-    def down_rank(self, own, participants):
-        return int(participants.sum())
+    def down_ranks(self, participants):
+        return np.full(self.population.size, int(self.ranks.ranks[participants].sum()))
 
-    def aggregate(self, server, reduced, *, round_index):
-        new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
+    def aggregate_train(self, server, reduced, *, round_index):
+        new = super().aggregate_train(server, reduced, round_index=round_index)  # the head's mean
         for index, m in enumerate(self.modules):
             part = self.gathered_factors(reduced, m)
             Bc, Ac = weighted_factors(part, part.p * part.s)
@@ -51,7 +53,7 @@ class FLoRA(FactorStrategy):
             new[f"{m}.lora_B"] = torch.zeros_like(server[f"{m}.lora_B"])
             if self.cfg.reinit == "fresh":
                 a = server[f"{m}.lora_A"]
-                gen = torch.Generator().manual_seed(round_index * 100_003 + index)
+                gen = keyed_torch_generator(self.population.seed, round_index, index, purpose=Purpose.LORA_REINIT)
                 bound = 1.0 / a.shape[-1] ** 0.5  # kaiming_uniform_(a=sqrt(5)) on [r, d_in], as peft
                 fresh = torch.rand(a.shape, generator=gen, dtype=torch.float64) * (2 * bound) - bound
                 new[f"{m}.lora_A"] = fresh.to(device=a.device, dtype=a.dtype)

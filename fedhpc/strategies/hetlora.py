@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.ranks import mask_to_ranks
-from ..train.local import LocalHooks
-from .base import StrategyConfig, register_strategy
+from .base import LocalHooks, StrategyConfig, register_strategy
 from .factors import FactorStrategy, padded_mean
 
 __all__ = ["HetLoRAConfig", "HetLoRA"]
@@ -55,7 +54,7 @@ class _TailPenalty(LocalHooks):
 class HetLoRA(FactorStrategy):
     Config = HetLoRAConfig
 
-    def client_state(self, init):
+    def init_client(self, init):
         return {RANK: torch.full((1, 1), float(self.ranks.max))}
 
     def current_ranks(self, state, clients) -> torch.Tensor:
@@ -63,8 +62,8 @@ class HetLoRA(FactorStrategy):
         pruned = state[RANK].view(-1).to("cpu", torch.int64)
         return torch.minimum(self.ranks.of(clients), pruned)
 
-    def broadcast(self, server, kept, clients):
-        return mask_to_ranks(super().broadcast(server, kept, clients), self.current_ranks(kept, clients))
+    def receive(self, server, state, clients, rows=None):
+        return mask_to_ranks(super().receive(server, state, clients, rows), self.current_ranks(state, clients))
 
     def tail_norm(self, adapters, ranks: torch.Tensor) -> torch.Tensor:
         """`[C]` ‖B[:, t:r] A[t:r]‖_F over all modules, t = ⌊γ r⌋, via r×r Gram matrices."""
@@ -80,28 +79,28 @@ class HetLoRA(FactorStrategy):
             total = total + ((b.mT @ b) * pair * (a @ a.mT)).sum((1, 2))                  # tr(D BᵀB D AAᵀ)
         return (total + 1e-12).sqrt()
 
-    def hooks(self, server, state, clients):
-        if not self.cfg.prune or self.cfg.prune_lambda == 0:
-            return LocalHooks()
-        return _TailPenalty(self, self.current_ranks(state, clients))
+    def configure_client(self, server, state, clients, task):
+        plan = super().configure_client(server, state, clients, task)
+        if plan is not None and self.cfg.prune and self.cfg.prune_lambda > 0:
+            plan.hooks = _TailPenalty(self, self.current_ranks(state, clients))
+        return plan
 
-    def update_clients(self, server, trained, state, clients):
+    def finish_client(self, server, trained, state, clients):
         ranks = self.current_ranks(state, clients)
         if not self.cfg.prune:
-            return {RANK: state[RANK]}
-        before = self.tail_norm(self.broadcast(server, state, clients), ranks)
+            return {RANK: state[RANK]}, trained
+        before = self.tail_norm(self.receive(server, state, clients), ranks)
         after = self.tail_norm(trained, ranks)
         shrunk = torch.floor(ranks.double() * self.cfg.prune_gamma).clamp(min=1).to(torch.int64)
         new = torch.where(after.cpu() < before.cpu(), shrunk, ranks)
-        return {RANK: new.to(state[RANK].dtype).view(-1, 1).to(state[RANK].device)}
+        return {RANK: new.to(state[RANK].dtype).view(-1, 1).to(state[RANK].device)}, trained
 
-    def aggregate(self, server, reduced, *, round_index):
-        new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
+    def aggregate_train(self, server, reduced, *, round_index):
+        new = super().aggregate_train(server, reduced, round_index=round_index)  # the head's mean
         parts = {m: self.gathered_factors(reduced, m) for m in self.modules}
-        squares = sum(torch.stack([(b @ a).square().sum() for b, a in zip(p.B, p.A)]) for p in parts.values())
-        norms = squares.sqrt()
+        norms = sum((p.B @ p.A).square().sum((1, 2)) for p in parts.values()).sqrt()
         weights = norms / norms.sum() if norms.sum() > 0 else next(iter(parts.values())).p
         for m, part in parts.items():
-            new[f"{m}.lora_B"] = self.store(padded_mean(part.B, weights, self.ranks.max, 1), server[f"{m}.lora_B"])
-            new[f"{m}.lora_A"] = self.store(padded_mean(part.A, weights, self.ranks.max, 0), server[f"{m}.lora_A"])
+            new[f"{m}.lora_B"] = self.store(padded_mean(part.B, weights), server[f"{m}.lora_B"])
+            new[f"{m}.lora_A"] = self.store(padded_mean(part.A, weights), server[f"{m}.lora_A"])
         return new

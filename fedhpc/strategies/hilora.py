@@ -35,11 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import (Contribution, Exchange, Probe, Reduced, Strategy, StrategyConfig, is_head, is_lora_a,
-                   register_strategy)
+from ..runtime.exchange import Rows
+from .base import (Block, ClientPlan, Exchange, RoundPlan, Strategy, StrategyConfig, Task, is_head, is_lora_a,
+                   kept_init, register_strategy)
 from .hilora_tiers import (CLUSTER, LEAF, ROOT, STAGES, Aggregation, TierHooks, aggregate_tier, relative_change,
                            tier_slice, tier_tensors)
 from .subspace_clustering import Similarity, Source, Statistic, client_statistic, cluster_clients, route
+
+TIER, GATHERED = "tier", "gathered"  # block names: the active tier and head per group; rows gathered whole
 
 
 @dataclass(kw_only=True)
@@ -112,26 +115,27 @@ class HiLoRAConfig(StrategyConfig):
 class HiLoRA(Strategy):
     Config = HiLoRAConfig
 
-    def __init__(self, cfg, *, keys, groups, ranks=None):
-        super().__init__(cfg, keys=keys, groups=groups, ranks=ranks)
-        self.modules = [k[:-len(".lora_A")] for k in keys if is_lora_a(k)]
-        self.heads = [k for k in keys if is_head(k)]
+    def __init__(self, cfg, *, shapes, population):
+        super().__init__(cfg, shapes=shapes, population=population)
+        self.modules = [k[:-len(".lora_A")] for k in self.keys if is_lora_a(k)]
+        self.heads = [k for k in self.keys if is_head(k)]
+        self.groups = population.groups
 
     # --- state -----------------------------------------------------------------------------
-    def keeps(self, key: str) -> bool:
-        return True  # the whole stack; broadcast overwrites the root and cluster tiers from the server
-
-    def client_state(self, init):
+    def init_client(self, init):
+        """The whole stack (the server's tiers overwrite root and cluster on receipt), the EMA
+        clustering statistic, and whether the client's leaf stage has begun."""
         r = self._rank(init)
         product = self.cfg.basis_source == "update_product"
-        state = {f"{m}.ema_B": torch.zeros_like(init[f"{m}.lora_B"][..., :2 * r if product else r])
-                 for m in self.modules}
+        state = kept_init(init, self.keys)
+        state.update({f"{m}.ema_B": torch.zeros_like(init[f"{m}.lora_B"][..., :2 * r if product else r])
+                      for m in self.modules})
         if product:
             state.update({f"{m}.ema_A": torch.zeros_like(init[f"{m}.lora_A"][:, :2 * r]) for m in self.modules})
         state["leaf_started"] = torch.zeros(1, dtype=torch.int64)
         return state
 
-    def init_server(self, init, *, frozen=None):
+    def init_server(self, init, *, frozen):
         r = self._rank(init)
         server = {}
         for m in self.modules:
@@ -199,24 +203,68 @@ class HiLoRA(Strategy):
             out[h] = torch.where(mine, kept[h], heads).clone()
         return out
 
-    def broadcast(self, server, kept, clients):
-        rows = self._rows(server, clients)
-        private = kept["leaf_started"] if self._stage(server) == LEAF else torch.zeros_like(kept["leaf_started"])
-        return self._assemble(server, kept, rows, {h: server[h][rows] for h in self.heads}, private)
+    def _receive(self, server, state, clients, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        private = state["leaf_started"] if self._stage(server) == LEAF else torch.zeros_like(state["leaf_started"])
+        return self._assemble(server, state, rows, {h: server[h][rows] for h in self.heads}, private)
 
-    def participants(self, server, sampled, seen):
-        return seen if self._clustering_round(server) else sampled
+    # --- the round -------------------------------------------------------------------------
+    def _mode(self, stage: int) -> str:
+        return self.cfg.root_aggregation if stage == ROOT else self.cfg.cluster_aggregation
 
-    # --- LOCAL -----------------------------------------------------------------------------
+    def configure_train(self, server, sampled, seen):
+        """Everyone trains in the clustering round. Up: the active tier (by aggregation mode) and
+        the head, per cluster; in the clustering round also the EMA statistic, gathered."""
+        participants = seen if self._clustering_round(server) else sampled
+        stage, stage_round = self._stage(server), int(server["stage_round"][0])
+        r = self._rank(server)
+        A = {m: (r, self.shapes[f"{m}.lora_A"][1]) for m in self.modules}
+        B = {m: (self.shapes[f"{m}.lora_B"][0], r) for m in self.modules}
+        tier = sum(r * (A[m][1] + B[m][0]) for m in self.modules) * 4
+        head = sum(int(np.prod(self.shapes[h])) for h in self.heads) * 4
+        every = lambda value: np.full(self.population.size, value, dtype=np.int64)
+        if stage == LEAF:  # nothing leaves a client; the final cluster tier arrives once
+            return RoundPlan(participants, Exchange(bytes_down=every((tier + head) if stage_round == 0 else 0)))
+        means, gathered = tier_tensors(self.modules, self._mode(stage), A, B)
+        means.update({h: self.shapes[h] for h in self.heads})
+        up = tier + head
+        if self._clustering_round(server):
+            q = 2 * r if self.cfg.basis_source == "update_product" else r
+            gathered.update({f"{m}.ema_B": (B[m][0], q) for m in self.modules})
+            if q != r:
+                gathered.update({f"{m}.ema_A": (q, A[m][1]) for m in self.modules})
+            up += sum(int(np.prod(shape)) for key, shape in gathered.items() if ".ema_" in key) * 4
+        groups = None if stage == ROOT else server["clusters"].cpu().numpy()
+        blocks = {TIER: Block(means, groups=groups, num_groups=1 if stage == ROOT else self._num_clusters(server),
+                              bytes_up=every(up))}
+        if gathered:
+            blocks[GATHERED] = Block(gathered, reduce="gather", bytes_up=every(0))
+        down = tier + head + (tier if stage == CLUSTER and stage_round == 0 else 0)  # + the final root, once
+        return RoundPlan(participants, Exchange(blocks, bytes_down=every(down)))
+
     def _hooks(self, server, active: int) -> TierHooks:
         return TierHooks(self.modules, self._rank(server), active, self.cfg.gamma_cluster, self.cfg.gamma_leaf,
                          train_head=active != LEAF or self.cfg.leaf_trains_head,
                          lr_scale=self.cfg.leaf_lr_scale if active == LEAF else 1.0)
 
-    def hooks(self, server, state, clients):
-        return self._hooks(server, self._stage(server))
+    def configure_client(self, server, state, clients, task):
+        """A round trains the active tier. A new client, once clusters exist, first probes: it trains
+        a fresh cluster slot on top of the root (root head included), is routed by it
+        (`configure_evaluate`), and fine-tunes a leaf."""
+        stage = self._stage(server)
+        if task == Task.TRAIN:
+            return ClientPlan(self._receive(server, state, clients, self._rows(server, clients)), list(self.keys),
+                              self._hooks(server, stage))
+        if stage == ROOT:
+            return None if task == Task.PROBE else ClientPlan(
+                self.configure_evaluate(server, state, clients), list(self.keys), self._hooks(server, stage))
+        if task == Task.PROBE:
+            none = torch.zeros_like(state["leaf_started"])
+            heads = {h: server[f"root.{h}"].expand(len(clients), *server[h].shape[1:]) for h in self.heads}
+            return ClientPlan(self._assemble(server, state, None, heads, none), list(self.keys),
+                              self._hooks(server, CLUSTER), steps=self.cfg.probe_steps)
+        return ClientPlan(self.configure_evaluate(server, state, clients), list(self.keys), self._hooks(server, LEAF))
 
-    def update_clients(self, server, trained, state, clients):
+    def finish_client(self, server, trained, state, clients):
         new = {k: trained[k] for k in self.keys}
         stage, r, lam = self._stage(server), self._rank(server), self.cfg.ema_decay
         if stage == ROOT:
@@ -229,51 +277,14 @@ class HiLoRA(Strategy):
                     new[f"{m}.ema_A"] = stat.A
         if stage == LEAF:
             new["leaf_started"] = torch.ones_like(state["leaf_started"])
-        return new
-
-    # --- UP --------------------------------------------------------------------------------
-    def _mode(self, stage: int) -> str:
-        return self.cfg.root_aggregation if stage == ROOT else self.cfg.cluster_aggregation
-
-    def exchange(self, server, shapes):
-        stage, stage_round = self._stage(server), int(server["stage_round"][0])
-        r = shapes[f"{self.modules[0]}.lora_A"][0] // 3
-        A = {m: (r, shapes[f"{m}.lora_A"][1]) for m in self.modules}
-        B = {m: (shapes[f"{m}.lora_B"][0], r) for m in self.modules}
-        tier = sum(r * (A[m][1] + B[m][0]) for m in self.modules) * 4
-        head = sum(int(np.prod(shapes[h])) for h in self.heads) * 4
-        if stage == LEAF:  # nothing leaves a client; the final cluster tier arrives once
-            return Exchange({}, 1, bytes_up=0, bytes_down=(tier + head) if stage_round == 0 else 0)
-        means, gathered = tier_tensors(self.modules, self._mode(stage), A, B)
-        means.update({h: shapes[h] for h in self.heads})
-        up = tier + head
-        if self._clustering_round(server):
-            q = 2 * r if self.cfg.basis_source == "update_product" else r
-            gathered.update({f"{m}.ema_B": (B[m][0], q) for m in self.modules})
-            if q != r:
-                gathered.update({f"{m}.ema_A": (q, A[m][1]) for m in self.modules})
-            up += sum(int(np.prod(shape)) for key, shape in gathered.items() if ".ema_" in key) * 4
-        groups = 1 if stage == ROOT else self._num_clusters(server)
-        down = tier + head + (tier if stage == CLUSTER and stage_round == 0 else 0)  # + the final root, once
-        return Exchange(means, groups, gathered, bytes_up=up, bytes_down=down)
-
-    def contribute(self, trained, clients, weights, *, server=None, state=None):
-        stage = self._stage(server)
-        if stage == LEAF:
-            return Contribution({}, weights, torch.zeros(len(clients), dtype=torch.int64), 1, clients=clients)
-        r = self._rank(server)
+            return new, {}
         A = {m: trained[f"{m}.lora_A"][:, tier_slice(stage, r)] for m in self.modules}
         B = {m: trained[f"{m}.lora_B"][..., tier_slice(stage, r)] for m in self.modules}
         means, gathered = tier_tensors(self.modules, self._mode(stage), A, B)
-        means.update({h: trained[h] for h in self.heads})
-        if self._clustering_round(server):
-            gathered.update({k: v for k, v in state.items() if ".ema_" in k})
-        groups = 1 if stage == ROOT else self._num_clusters(server)
-        return Contribution(means, weights, self._rows(server, clients).cpu(), groups, gathered=gathered,
-                            clients=clients)
+        return new, {**means, **gathered, **{h: trained[h] for h in self.heads},
+                     **{k: v for k, v in new.items() if ".ema_" in k}}
 
-    # --- AGGREGATE -------------------------------------------------------------------------
-    def aggregate(self, server, reduced, *, round_index):
+    def aggregate_train(self, server, reduced, *, round_index):
         stage = self._stage(server)
         new = dict(server)
         new["stage_round"] = server["stage_round"] + 1
@@ -281,17 +292,18 @@ class HiLoRA(Strategy):
             return new
         r, name = self._rank(server), STAGES[stage]
         count = 1 if stage == ROOT else self._num_clusters(server)
-        present = (reduced.weights > 0).to(server["stage"].device)
+        means, rows = reduced[TIER], reduced.blocks.get(GATHERED)
+        present = (means.weights > 0).to(server["stage"].device)
         groups = None
         if stage == CLUSTER and self._mode(stage) == "product_gather":
-            groups = server["clusters"].cpu()[reduced.gathered_clients]
+            groups = server["clusters"].cpu()[rows.clients]
         for m in self.modules:
-            A, B = aggregate_tier(m, reduced, self._mode(stage), groups, count, r)
+            A, B = aggregate_tier(m, means, rows, self._mode(stage), groups, count, r)
             for key, value in ((f"{m}.{name}_A", A), (f"{m}.{name}_B", B)):
                 new[key] = torch.where(present.view(-1, 1, 1), value.to(server[key]), server[key])
         for h in self.heads:
             keep = present.view(-1, *([1] * (server[h].dim() - 1)))
-            new[h] = torch.where(keep, reduced.means[h].to(server[h]), server[h])
+            new[h] = torch.where(keep, means.values[h].to(server[h]), server[h])
         if stage == CLUSTER:
             if int(new["stage_round"][0]) >= self.cfg.cluster_rounds:
                 new.update(stage=torch.full_like(server["stage"], LEAF), stage_round=torch.zeros_like(server["stage"]))
@@ -301,19 +313,19 @@ class HiLoRA(Strategy):
         change = relative_change(self.modules, server, new)
         new["root_change"] = torch.full_like(server["root_change"], change)
         if self._clustering_round(server):
-            return self._start_cluster_stage(new, reduced)
+            return self._start_cluster_stage(new, rows)
         if change <= self.cfg.root_tau:
             new["root_final"] = torch.ones_like(server["root_final"])
         return new
 
-    def _start_cluster_stage(self, new, reduced: Reduced):
+    def _start_cluster_stage(self, new, rows: Rows):
         """LSAC on the gathered EMA bases; the cluster tier and heads start from one shared init."""
-        found = cluster_clients([self._statistic(reduced.gathered, m) for m in self.modules], k_min=self.cfg.k_min,
+        found = cluster_clients([self._statistic(rows.values, m) for m in self.modules], k_min=self.cfg.k_min,
                                 k_max=self.cfg.k_max, similarity=self.cfg.similarity, sigma=self.cfg.sigma,
                                 sigma_scale=self.cfg.sigma_scale,
                                 neighbors=self.cfg.affinity_neighbors, seed=self.cfg.clustering_seed)
         clusters = torch.full_like(new["clusters"], -1)
-        clusters[reduced.gathered_clients.to(clusters.device)] = torch.as_tensor(found.labels).to(clusters)
+        clusters[rows.clients.to(clusters.device)] = torch.as_tensor(found.labels).to(clusters)
         k = found.count
         for m in self.modules:
             for key in (f"{m}.cluster_A", f"{m}.cluster_B"):
@@ -336,27 +348,21 @@ class HiLoRA(Strategy):
             out[f"{m}.lora_A"], out[f"{m}.lora_B"] = A, B
         return {**out, **{h: server[f"root.{h}"] for h in self.heads}}
 
-    def unseen_probe(self, server, kept, clients):
-        """After clustering: train the (fresh) cluster slot on top of the root, root head included."""
+    def configure_evaluate(self, server, state, clients):
+        """Root + the client's cluster + its leaf; a new client (no cluster yet) is routed to the
+        cluster whose basis is closest to its probe's cluster slot, by the clustering's similarity."""
         if self._stage(server) == ROOT:
-            return None
-        none = torch.zeros_like(kept["leaf_started"])
-        heads = {h: server[f"root.{h}"].expand(len(clients), *server[h].shape[1:]) for h in self.heads}
-        adapters = self._assemble(server, kept, None, heads, none)
-        return Probe(adapters, self._hooks(server, CLUSTER), self.cfg.probe_steps)
-
-    def unseen_start(self, server, kept, clients, probed):
-        """Root + the cluster whose basis is closest to the probe's (zero-leaf); fine-tunes the leaf."""
-        if probed is None:
-            return self.broadcast(server, kept, clients), self.hooks(server, kept, clients)
-        r = self._rank(server)
-        probes = [Statistic(probed[f"{m}.lora_B"][..., r:2 * r].cpu(), probed[f"{m}.lora_A"][:, r:2 * r].cpu())
-                  for m in self.modules]
-        centres = [Statistic(server[f"{m}.cluster_B"].cpu(), server[f"{m}.cluster_A"].cpu()) for m in self.modules]
-        rows = route(probes, centres, self.cfg.similarity).to(server["clusters"].device)
-        none = torch.zeros_like(kept["leaf_started"])
-        adapters = self._assemble(server, kept, rows, {h: server[h][rows] for h in self.heads}, none)
-        return adapters, self._hooks(server, LEAF)
+            return self._receive(server, state, clients, self._rows(server, clients))
+        ids = torch.as_tensor(np.asarray(clients, dtype=np.int64), device=server["clusters"].device)
+        rows = server["clusters"][ids]
+        new = rows < 0
+        if bool(new.any()):
+            r = self._rank(server)
+            probes = [Statistic(state[f"{m}.lora_B"][..., r:2 * r].cpu(), state[f"{m}.lora_A"][:, r:2 * r].cpu())
+                      for m in self.modules]
+            centres = [Statistic(server[f"{m}.cluster_B"].cpu(), server[f"{m}.cluster_A"].cpu()) for m in self.modules]
+            rows = torch.where(new, route(probes, centres, self.cfg.similarity).to(rows.device), rows)
+        return self._receive(server, state, clients, rows)
 
     def metrics(self, server) -> dict:
         """Stage the next round trains, clusters found, their agreement with the true groups (ARI),

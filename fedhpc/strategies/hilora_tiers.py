@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from ..kernels import lowrank_aggregate
-from ..train.local import LocalHooks
-from .base import Reduced, is_head
+from ..runtime.exchange import Means, Rows
+from .base import LocalHooks, is_head
 
 __all__ = ["ROOT", "CLUSTER", "LEAF", "STAGES", "Aggregation", "tier_slice", "TierHooks", "tier_tensors",
            "aggregate_tier", "relative_change"]
@@ -72,15 +72,16 @@ def tier_tensors(modules: list[str], mode: str, A: dict, B: dict) -> tuple[dict,
     return (factors, {}) if mode == "factor_mean" else ({}, factors)
 
 
-def aggregate_tier(m: str, reduced: Reduced, mode: str, groups: torch.Tensor | None, count: int,
+def aggregate_tier(m: str, means: Means, rows: Rows | None, mode: str, groups: torch.Tensor | None, count: int,
                    r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """New (A `[G, r, d_in]`, B `[G, d_out, r]`) of module m for every group, from the reduction."""
+    """New (A `[G, r, d_in]`, B `[G, d_out, r]`) of module m for every group, from the tier's
+    group means or its gathered rows."""
     if mode == "factor_mean":
-        return reduced.means[f"{m}.tier_A"], reduced.means[f"{m}.tier_B"]
+        return means.values[f"{m}.tier_A"], means.values[f"{m}.tier_B"]
     if mode == "product_dense":
-        U, S, Vh = torch.linalg.svd(reduced.means[f"{m}.delta"].double(), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(means.values[f"{m}.delta"].double(), full_matrices=False)
         return (S[..., :r, None] * Vh[..., :r, :]).float(), U[..., :r].float()
-    Bs, As, w = reduced.gathered[f"{m}.tier_B"], reduced.gathered[f"{m}.tier_A"], reduced.gathered_weights
+    Bs, As, w = rows.values[f"{m}.tier_B"], rows.values[f"{m}.tier_A"], rows.weights
     out_A = torch.zeros(count, r, As.shape[-1])
     out_B = torch.zeros(count, Bs.shape[-2], r)
     for g in range(count):  # a few clusters: each is one batched-factor SVD

@@ -40,9 +40,8 @@ import torch
 from ..kernels import orthonormalize
 from ..models.cohort import base_delta_key
 from ..models.ranks import mask_to_ranks
-from ..train.local import LocalHooks
-from .base import StrategyConfig, register_strategy
-from .factors import FactorStrategy, weighted_factors
+from .base import LocalHooks, StrategyConfig, register_strategy
+from .factors import FACTORS, FactorStrategy, weighted_factors
 from .flexlora import svd_factors
 
 __all__ = ["ILoRAConfig", "ILoRA", "qr_factors"]
@@ -115,22 +114,17 @@ class ILoRA(FactorStrategy):
         return self.cfg.scale_across_ranks
 
     # --- state ----------------------------------------------------------------------------
-    def shape_of(self, key, shapes):
-        return shapes[key.removesuffix(CV).removesuffix(DCV)]
-
     def controlled(self) -> list[str]:
         return list(self.keys) if self.cfg.use_control else []
 
-    def client_state(self, init):
+    def init_client(self, init):
         return {k + CV: torch.zeros_like(init[k]) for k in self.controlled()}
 
-    def init_server(self, init, *, frozen=None):
-        server = super().init_server(init)
+    def init_server(self, init, *, frozen):
+        server = super().init_server(init, frozen=frozen)
         server.update({k + CV: torch.zeros_like(init[k]) for k in self.controlled()})
         if self.cfg.init == "default":
             return server
-        if frozen is None:
-            raise ValueError("strategy ilora with init=qr needs the frozen weights")
         for m in self.modules:
             B, A = self.qr_init(frozen[m].double(), self.ranks.max)
             server[f"{m}.lora_B"] = self.store(B, server[f"{m}.lora_B"])
@@ -146,27 +140,26 @@ class ILoRA(FactorStrategy):
 
     # --- DOWN / LOCAL / UP ----------------------------------------------------------------
     def sent_down(self):
-        return self.shared() + [k + CV for k in self.controlled()]
+        return {**super().sent_down(), **{k + CV: self.shapes[k] for k in self.controlled()}}
 
     def gathered_up(self):
-        return self.lora() + [k + DCV for k in self.controlled()]
+        return {**super().gathered_up(), **{k + DCV: self.shapes[k] for k in self.controlled()}}
 
-    def hooks(self, server, state, clients):
-        if not self.cfg.use_control:
-            return LocalHooks()
-        ranks = self.ranks.of(clients)
-        count = len(clients)
+    def configure_client(self, server, state, clients, task):
+        plan = super().configure_client(server, state, clients, task)
+        if plan is None or not self.cfg.use_control:
+            return plan
         own = {k: state[k + CV] for k in self.controlled()}
-        shared = {k: server[k + CV].expand(count, *server[k + CV].shape[1:]) for k in self.controlled()}
-        correction = mask_to_ranks({k: shared[k] - own[k] for k in own}, ranks)
-        return _ControlHooks(correction, own)
+        shared = {k: server[k + CV].expand(len(clients), *server[k + CV].shape[1:]) for k in self.controlled()}
+        plan.hooks = _ControlHooks(mask_to_ranks({k: shared[k] - own[k] for k in own}, self.ranks.of(clients)), own)
+        return plan
 
-    def update_clients(self, server, trained, state, clients):
-        return {k + CV: state[k + CV] + trained[k + DCV] for k in self.controlled()}
+    def finish_client(self, server, trained, state, clients):
+        return {k + CV: state[k + CV] + trained[k + DCV] for k in self.controlled()}, trained
 
     # --- AGGREGATE ------------------------------------------------------------------------
-    def aggregate(self, server, reduced, *, round_index):
-        new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
+    def aggregate_train(self, server, reduced, *, round_index):
+        new = super().aggregate_train(server, reduced, round_index=round_index)  # the head's mean
         for m in self.modules:
             part = self.gathered_factors(reduced, m)
             weights = part.p * part.s if self.cfg.scale_across_ranks else part.p
@@ -177,8 +170,9 @@ class ILoRA(FactorStrategy):
             new[f"{m}.lora_B"] = self.store(B, server[f"{m}.lora_B"])
             new[f"{m}.lora_A"] = self.store(A, server[f"{m}.lora_A"])
         if self.cfg.use_control:
-            population = self.cfg.control_population or len(reduced.gathered_clients)
+            rows = reduced[FACTORS]
+            population = self.cfg.control_population or len(rows.clients)
             for k in self.controlled():
-                change = reduced.gathered[k + DCV].double().sum(0) / population
+                change = rows.values[k + DCV].double().sum(0) / population
                 new[k + CV] = server[k + CV] + change.unsqueeze(0).to(server[k + CV].dtype)
         return new

@@ -19,8 +19,8 @@ class LocalConfig(StrategyConfig):
 class Local(Strategy):
     Config = LocalConfig
 
-    def keeps(self, key: str) -> bool:
-        return True
+    def private(self) -> list[str]:
+        return list(self.keys)
 
     def global_model(self, server, init):
         return None

@@ -43,13 +43,12 @@ class LoRAFAIRConfig(StrategyConfig):
 class LoRAFAIR(FactorStrategy):
     Config = LoRAFAIRConfig
 
-    def aggregate(self, server, reduced, *, round_index):
-        new = super().aggregate(server, reduced, round_index=round_index)  # the head's mean
+    def aggregate_train(self, server, reduced, *, round_index):
+        new = super().aggregate_train(server, reduced, round_index=round_index)  # the head's mean
         r_max = self.ranks.max
         for m in self.modules:
             part = self.gathered_factors(reduced, m)
-            a_mean = padded_mean(part.A, part.p, r_max, 0)
-            b_mean = padded_mean(part.B, part.p, r_max, 1)
+            a_mean, b_mean = padded_mean(part.A, part.p), padded_mean(part.B, part.p)
             weights = part.p * part.s / self.ranks.max_scaling if self.cfg.scale_across_ranks else part.p
             Bc, Ac = weighted_factors(part, weights)
             gram = a_mean @ a_mean.mT

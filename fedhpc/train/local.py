@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from ..models.cohort import CohortModel
 from ..models.dropout import client_keys
 from ..models.ranks import mask_to_ranks
+from ..rng import Purpose, keyed_rng
 from .optim import OptimConfig, StackedOptimizer, clip_per_client
+from .plan import LocalHooks, Optimizer
 
 __all__ = ["TrainConfig", "LocalHooks", "local_train", "client_batches", "split_passes", "probe_clients_per_pass",
            "keep_freed_memory"]
-
-DATA_ORDER = 1  # purpose tag of the data-order stream in the (seed, client, round, purpose) key
 
 
 @dataclass(kw_only=True)
@@ -54,37 +54,9 @@ class TrainConfig:
             raise ValueError("local_steps, clients_per_pass and max_grad_norm must be >= 0")
 
 
-class LocalHooks:
-    """What a strategy adds to local training; the defaults add nothing."""
-
-    lr_scale: float = 1.0
-    """Multiplies the configured learning rate (e.g. a stage that fine-tunes gently)."""
-
-    def loss(self, adapters: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Extra per-client loss `[C]` (e.g. a proximal or orthogonality term)."""
-        return None
-
-    def movable(self, key: str) -> torch.Tensor | None:
-        """Bool mask, broadcastable to trainable `key`, of the entries training may move: their
-        gradients (before clipping) and the optimizer's update, weight decay included, are masked
-        to it. None: every entry."""
-        return None
-
-    def grads(self, grads: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> None:
-        """Transform the gradients in place before the optimizer step (e.g. control variates)."""
-
-    def stepped(self, active: torch.Tensor) -> None:
-        """Called after each optimizer step with the clients `[C]` (bool) that took it."""
-
-    def results(self) -> dict[str, torch.Tensor]:
-        """Per-client tensors `[C, ...]` measured during training (e.g. a mean gradient), handed to
-        the strategy's `update_clients` and `contribute` with the trained adapters."""
-        return {}
-
-
 def client_batches(indices: np.ndarray, *, seed: int, client: int, round_index: int, cfg: TrainConfig) -> list[np.ndarray]:
     """This client's batches for this round, from its own keyed generator."""
-    rng = np.random.default_rng([seed, client, round_index, DATA_ORDER])
+    rng = keyed_rng(seed, client, round_index, purpose=Purpose.DATA_ORDER)
     n = len(indices)
     if cfg.local_steps > 0:
         epochs = math.ceil(cfg.local_steps * cfg.batch_size / max(n, 1))
@@ -133,10 +105,11 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
                 trainable: list[str], x: torch.Tensor, y: torch.Tensor, client_ids: np.ndarray,
                 client_indices: list[np.ndarray], seed: int, round_index: int, cfg: TrainConfig,
                 hooks: LocalHooks, scaling: torch.Tensor | None = None, ranks: torch.Tensor | None = None,
-                dropout: bool = False) -> torch.Tensor:
+                dropout: bool = False, optimizer: Optimizer | None = None) -> torch.Tensor:
     """Train these clients' adapters `[C, ...]` in place; returns each client's mean loss `[C]`.
 
-    `opt_state` is the optimizer state of the same clients (`StackedOptimizer.init_state`).
+    `opt_state` is the state of `optimizer` (default: the config's `StackedOptimizer`) for the
+    same clients.
     `scaling` `[C]` is each client's LoRA scaling; `ranks` `[C]` its true rank: gradients beyond
     it are zeroed (after the hooks), so padded rows of A and columns of B never move.
     """
@@ -144,7 +117,7 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
     device = adapters["head.weight"].device
     if device.type == "cpu":
         keep_freed_memory()
-    optimizer = StackedOptimizer(cfg.optimizer)
+    optimizer = optimizer or StackedOptimizer(cfg.optimizer)
     plans = [client_batches(ix, seed=seed, client=int(c), round_index=round_index, cfg=cfg)
              for c, ix in zip(client_ids, client_indices)]
     steps = max(len(p) for p in plans)

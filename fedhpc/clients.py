@@ -1,0 +1,75 @@
+"""Clients on a rank: their stored state, and local training of a pass of them from a `ClientPlan`.
+
+`train_pass` is the one place the runtime calls `local_train`: a federated round, a new client's
+probe and its fine-tuning differ only in the plan and in the `Task`, which fixes the data stream
+(the round index of the data-order keys), the length and whether LoRA dropout is on.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .assemble import Run
+from .models.ranks import mask_to_ranks
+from .train.local import local_train
+from .train.optim import StackedOptimizer
+from .train.plan import ClientPlan, Task
+
+__all__ = ["ClientStore", "train_pass", "runnable", "OPTIMIZER"]
+
+OPTIMIZER = "optimizer."  # prefix of the optimizer state in what `finish_client` receives
+
+
+class ClientStore:
+    """What a rank keeps for each client it hosts between rounds: stacked `[clients, ...]`."""
+
+    def __init__(self, clients: np.ndarray, tensors: dict[str, torch.Tensor]):
+        self.first = int(clients[0]) if len(clients) else 0
+        self.tensors = tensors
+
+    def rows(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(ids - self.first, dtype=torch.int64)
+
+    def get(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        rows = self.rows(ids)
+        return {k: v[rows.to(v.device)] for k, v in self.tensors.items()}
+
+    def put(self, ids: np.ndarray, values: dict[str, torch.Tensor]) -> None:
+        rows = self.rows(ids)
+        for k, v in values.items():
+            self.tensors[k][rows.to(v.device)] = v.detach()
+
+
+def runnable(ids: np.ndarray) -> np.ndarray:
+    """A pass never has one client (a one-client batched matmul takes another kernel path, so
+    another rounding): a lone client trains twice over, and the copy's results are dropped."""
+    return ids if len(ids) > 1 else np.repeat(ids, 2)
+
+
+def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round_index: int = 0) -> tuple[
+        torch.Tensor, dict[str, torch.Tensor]]:
+    """Train `plan.start` of clients `ids` in place; returns their mean losses `[C]` and the
+    optimizer state after training."""
+    cfg, data = run.cfg, run.data
+    train_cfg = cfg.train
+    if task == Task.FINETUNE:
+        train_cfg = replace(cfg.train, local_epochs=max(1, cfg.eval.unseen_finetune_epochs), local_steps=0)
+        round_index = cfg.rounds + 1
+    elif task == Task.PROBE:
+        round_index = cfg.rounds + 2
+    if plan.steps > 0:
+        train_cfg = replace(train_cfg, local_steps=plan.steps)
+    optimizer = plan.optimizer or StackedOptimizer(cfg.train.optimizer)
+    opt_state = plan.opt_state
+    if opt_state is None:
+        opt_state = optimizer.init_state({k: plan.start[k] for k in plan.trainable})
+    plan.start.update(mask_to_ranks(plan.start, run.ranks.of(ids)))  # each client starts at its own rank
+    losses = local_train(run.model, adapters=plan.start, opt_state=opt_state, trainable=plan.trainable,
+                         x=data.train_x, y=data.train_y, client_ids=ids,
+                         client_indices=[data.client_train[c] for c in ids], seed=cfg.seed,
+                         round_index=round_index, cfg=train_cfg, hooks=plan.hooks, optimizer=optimizer,
+                         dropout=task == Task.TRAIN and cfg.lora.lora_dropout > 0,
+                         scaling=run.scaling(ids), ranks=run.ranks.of(ids))
+    return losses, opt_state
