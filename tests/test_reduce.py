@@ -1,5 +1,7 @@
-"""The declared reductions against a float64 loop, and the same result on 1 and 3 ranks."""
+"""The declared exchange carried out (`Reduction`) against a float64 Python loop over clients, the same
+result on 1 and 3 ranks, and the modelled bytes (`modelled_bytes`) against hand-computed numbers."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,23 +11,74 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from fedhpc.runtime.exchange import Block, Exchange, modelled_bytes
+
+from conftest import REPO
+
 sys.path.insert(0, str(Path(__file__).parent / "mpi"))
 import reduce_ranks  # noqa: E402
 
 
-def test_group_means_and_gather_match_a_python_loop():
-    out = reduce_ranks.main(MPI.COMM_SELF)
-    ids = np.arange(reduce_ranks.NUM_CLIENTS)
-    ref = reduce_ranks.contributions(ids)
-    w = ref.weights.numpy()
-    assert out["clients"] == ids.tolist() and out["gathered_weights"] == w.tolist()
-    for key in reduce_ranks.SHAPES:
-        rows = ref.tensors[key].double().numpy()
-        np.testing.assert_array_equal(np.array(out["gathered"][key], dtype=np.float32), rows.astype(np.float32))
-        for g in range(reduce_ranks.NUM_GROUPS):
-            members = ids % reduce_ranks.NUM_GROUPS == g
-            mean = np.tensordot(w[members], rows[members], axes=1) / w[members].sum()
-            np.testing.assert_allclose(out["means"][key][g], mean, rtol=1e-6, atol=1e-7)
+def _loop_reference(participants: np.ndarray) -> dict:
+    """Each block's result written as a loop over the participants, in float64."""
+    rows = reduce_ranks.uploads(participants)
+    out = {}
+    for name, block in reduce_ranks.MEANS.items():
+        w = reduce_ranks.weights(block)
+        means = {k: np.zeros((block["num_groups"], *s)) for k, s in block["keys"].items()}
+        totals = np.zeros(block["num_groups"])
+        for g in range(block["num_groups"]):
+            for i, c in enumerate(participants):
+                if block["groups"][c] != g or w[c] == 0:  # a weight-0 client counts nowhere
+                    continue
+                totals[g] += w[c]
+                for k in block["keys"]:
+                    means[k][g] += w[c] * rows[k][i].double().numpy()
+            if totals[g] > 0:
+                for k in block["keys"]:
+                    means[k][g] /= totals[g]
+        out[name] = (means, totals)
+    for name, block in reduce_ranks.GATHERS.items():
+        w = reduce_ranks.weights(block)
+        keep = [i for i, c in enumerate(participants) if w[c] > 0]  # participants are sorted
+        out[name] = ({k: rows[k][keep].numpy() for k in block["keys"]}, participants[keep].tolist(),
+                     [w[participants[i]] for i in keep])
+    return out
+
+
+@pytest.mark.parametrize("scenario", list(reduce_ranks.SCENARIOS))
+def test_mean_and_gather_blocks_match_a_python_loop(scenario):
+    participants = reduce_ranks.SCENARIOS[scenario]
+    out = reduce_ranks.main(MPI.COMM_SELF, scenario)
+    ref = _loop_reference(participants)
+    for name in reduce_ranks.MEANS:
+        means, totals = ref[name]
+        assert out[name]["dtype"] == "torch.float64"
+        assert out[name]["weights"] == totals.tolist()  # sums of small integers: exact
+        for key, mean in means.items():
+            np.testing.assert_allclose(np.array(out[name]["values"][key]), mean, rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{name} {key}")
+    for name in reduce_ranks.GATHERS:
+        values, clients, weights = ref[name]
+        assert out[name]["dtype"] == "torch.float32"
+        assert out[name]["clients"] == clients and out[name]["weights"] == weights
+        for key, rows in values.items():
+            np.testing.assert_array_equal(np.array(out[name]["values"][key], dtype=np.float32), rows)
+
+
+def test_the_reference_exercises_every_case():
+    """The fixture has what the test claims: different groupings, weight-0 clients in one block who
+    count in another, a group with only weight-0 clients, an empty group, a gather that drops some."""
+    a, b = reduce_ranks.MEANS["a"], reduce_ranks.MEANS["b"]
+    ids = reduce_ranks.SCENARIOS["most"]
+    assert not np.array_equal(a["groups"], b["groups"])
+    zero = ids[a["weights"][ids] == 0]
+    assert len(zero) >= 2 and (reduce_ranks.weights(b)[zero] > 0).all()
+    _, totals = _loop_reference(ids)["a"]
+    assert totals[3] == 0 and (a["groups"][ids] == 3).any()  # group 3 took part, all at weight 0
+    assert not (b["groups"][ids] == 5).any()
+    g = reduce_ranks.GATHERS["g"]
+    assert 0 < (g["weights"][ids] == 0).sum() < len(ids)
 
 
 @pytest.mark.parametrize("ranks", [3])
@@ -34,13 +87,61 @@ def test_reduction_does_not_depend_on_the_rank_count(ranks):
     if launcher is None:
         pytest.skip("mpiexec not found (pip install mpich)")
     script = Path(__file__).parent / "mpi" / "reduce_ranks.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([launcher, "-n", str(ranks), sys.executable, str(script)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)  # one copy per rank
-    assert len(results) == ranks
-    single = reduce_ranks.main(MPI.COMM_SELF)
-    for result in results:
-        assert result["clients"] == single["clients"] and result["gathered"] == single["gathered"]
-        for key in single["means"]:
-            np.testing.assert_allclose(result["means"][key], single["means"][key], rtol=1e-12)
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    everything = json.loads(done.stdout)  # per scenario, one copy per rank
+    mean_bytes = sum(b["num_groups"] * (sum(int(np.prod(s)) for s in b["keys"].values()) + 1)
+                     for b in reduce_ranks.MEANS.values()) * 8
+    for scenario, results in everything.items():
+        assert len(results) == ranks
+        single = reduce_ranks.main(MPI.COMM_SELF, scenario)
+        for result in results:
+            for name in reduce_ranks.GATHERS:
+                assert result[name] == single[name]
+            for name in reduce_ranks.MEANS:
+                assert result[name]["weights"] == single[name]["weights"]
+                for key, value in single[name]["values"].items():
+                    np.testing.assert_allclose(result[name]["values"][key], value, rtol=1e-12, atol=1e-12)
+        if scenario == "first":  # ranks 1 and 2 host no participant: they join with zeros, group sums only
+            assert [r["sent"] for r in results[1:]] == [mean_bytes] * 2
+
+
+# --- modelled bytes -------------------------------------------------------------------------------
+RANKS = np.array([2, 4, 1, 4, 3, 2])
+LORA = {"m.lora_A": (4, 7), "m.lora_B": (6, 4)}  # padded to r_max = 4: r*7 + 6*r = 13 r floats at rank r
+HEAD = {"head.weight": (3, 5), "head.bias": (3,)}  # 18 floats, rank-free
+
+
+def test_modelled_bytes_count_each_clients_keys_at_its_rank_and_skip_untrained_blocks():
+    num_examples = np.array([5.0, 3.0, 8.0, 2.0, 7.0, 1.0])
+    trained = np.array([1.0, 1.0, 0.0, 2.0, 1.0, 0.0])  # clients 2 and 5 did not train the LoRA block
+    exchange = Exchange({"lora": Block(LORA, reduce="gather", weights=trained),
+                         "head": Block(HEAD, groups=np.array([0, 1, 0, 1, 0, 1]), num_groups=2)},
+                        down={**LORA, **HEAD})
+    participants = np.array([0, 2, 3, 5])  # clients 1 and 4 sit out
+    up, down = modelled_bytes(exchange, participants, RANKS, num_examples)
+    # up: LoRA of clients 0 (rank 2) and 3 (rank 4) only; the head of all four
+    assert up == (13 * 2 + 13 * 4) * 4 + 4 * 18 * 4
+    # down: every participant gets the LoRA at its own rank (2, 1, 4, 2) and the head
+    assert down == (13 * (2 + 1 + 4 + 2) + 4 * 18) * 4
+    # a block weighted by sample counts: a client with no samples uploads nothing for it
+    no_samples = np.array([5.0, 3.0, 0.0, 2.0, 7.0, 1.0])
+    up, _ = modelled_bytes(Exchange({"head": Block(HEAD)}), participants, RANKS, no_samples)
+    assert up == 3 * 18 * 4
+
+
+def test_modelled_bytes_honour_per_client_overrides_and_down_ranks():
+    num_examples = np.ones(6)
+    per_client = np.array([100, 200, 300, 400, 500, 600])
+    exchange = Exchange({"head": Block(HEAD), "extra": Block({"x": (10,)}, reduce="gather", bytes_up=per_client)},
+                        down=dict(LORA), down_ranks=np.array([9, 9, 9, 9, 9, 3]))
+    participants = np.array([1, 4, 5])
+    up, down = modelled_bytes(exchange, participants, RANKS, num_examples)
+    assert up == 3 * 18 * 4 + (200 + 500 + 600)  # the override replaces the block's float count
+    assert down == 13 * (9 + 9 + 3) * 4  # down_ranks, not the clients' own ranks (2, 3, 2)
+    fixed = Exchange({"head": Block(HEAD)}, down=dict(LORA), down_ranks=np.full(6, 9),
+                     bytes_down=np.array([1, 2, 3, 4, 5, 6]))
+    assert modelled_bytes(fixed, participants, RANKS, num_examples) == (3 * 18 * 4, 2 + 5 + 6)
+    assert modelled_bytes(Exchange(), participants, RANKS, num_examples) == (0, 0)  # nothing travels
