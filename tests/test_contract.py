@@ -170,3 +170,46 @@ def test_layerwise_runs_end_to_end_and_untrained_layers_do_not_move(tmp_path, re
     assert np.isfinite(summary["personalized_mean"])
     rounds = [json.loads(line) for line in (tmp_path / "layerwise" / "metrics.jsonl").read_text().splitlines()]
     assert len(rounds) == 2 and rounds[-1]["bytes_up"] > 0
+
+
+class _SGDWithNorms:
+    """Plain SGD whose state is not parameter-shaped: one running ‖g‖² per client and key."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init_state(self, params):
+        count = next(iter(params.values())).shape[0]
+        return {"step": torch.zeros(count, dtype=torch.int64), **{k + ".grad_sq": torch.zeros(count) for k in params}}
+
+    def step(self, params, grads, state, active=None, lr_scale=1.0, movable=None):
+        state["step"] += 1
+        for key, g in grads.items():
+            state[key + ".grad_sq"] += g.flatten(1).square().sum(1)
+            params[key].sub_(g * (self.lr * lr_scale))
+
+
+def test_a_plan_brings_its_own_optimizer_and_state_layout(tmp_path):
+    """The plan's optimizer replaces the config's; its [C]-shaped state comes back from training."""
+    from fedhpc.assemble import assemble
+    from fedhpc.clients import train_pass
+    from fedhpc.train.optim import OptimConfig, StackedOptimizer
+
+    cfg = build(ExperimentConfig, {
+        "name": "own_optimizer", "num_clients": 4, "out_dir": str(tmp_path),
+        "data": {"name": "planted", "planted": {"num_clusters": 2, "num_classes": 4, "samples_per_client": 24}},
+        "model": {"kwargs": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}},
+        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["qkv"]}, "train": {"batch_size": 8}})
+    r = assemble(cfg, MPI.COMM_SELF)
+    ids = np.arange(4)
+    server = r.strategy.init_server(r.init, frozen={})
+    ours = r.strategy.configure_client(server, {}, ids, Task.TRAIN)
+    ours.optimizer = _SGDWithNorms(lr=0.05)
+    theirs = r.strategy.configure_client(server, {}, ids, Task.TRAIN)
+    theirs.optimizer = StackedOptimizer(OptimConfig(name="sgd", lr=0.05))
+    _, state = train_pass(r, ours, ids, task=Task.TRAIN, round_index=1)
+    train_pass(r, theirs, ids, task=Task.TRAIN, round_index=1)
+    for key in r.model.shapes:  # the same SGD trajectory, bit for bit
+        assert torch.equal(ours.start[key], theirs.start[key]), key
+    assert state["step"].tolist() == [3, 3, 3, 3]  # every client has 3 batches of at most 8
+    assert all(state[k + ".grad_sq"].shape == (4,) and bool((state[k + ".grad_sq"] > 0).all()) for k in r.model.shapes)
