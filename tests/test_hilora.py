@@ -16,8 +16,11 @@ from sklearn.metrics import adjusted_rand_score
 
 from fedhpc.config import ConfigError, load_config
 from fedhpc.configtree import build
-from fedhpc.runtime.reduce import GroupReduction
-from fedhpc.strategies import StrategyConfig, build_strategy
+from fedhpc.models.ranks import ClientRanks
+from fedhpc.runtime.exchange import modelled_bytes
+from fedhpc.runtime.reduce import Reduction
+from fedhpc.strategies import Population, StrategyConfig, build_strategy
+from fedhpc.train.plan import Task
 from fedhpc.strategies.hilora_tiers import CLUSTER, LEAF, TierHooks
 from fedhpc.strategies.subspace_clustering import Statistic, bases, cluster_clients, route, subspace_distance
 
@@ -82,9 +85,12 @@ def test_cosine_routing_picks_the_cluster_whose_product_the_probe_follows():
         assert route(probe, centres, "cosine").tolist() == [j]
 
 
-def _make(groups=np.array([0, 1, 0, 1, 1, 0]), **options):
+def _make(groups=np.array([0, 1, 0, 1, 1, 0]), num_examples=None, **options):
+    """`num_examples`: the clients' sample counts, the weight of their uploads (default: 1 each)."""
     cfg = build(StrategyConfig, {"name": "hilora", **options})
-    return build_strategy(cfg, keys=list(SHAPES), groups=groups)
+    n = np.ones(len(groups)) if num_examples is None else np.asarray(num_examples, dtype=np.float64)
+    population = Population(num_examples=n, groups=groups, ranks=ClientRanks(np.full(len(groups), 3 * R), 6.0))
+    return build_strategy(cfg, shapes=SHAPES, population=population)
 
 
 def _init(g):
@@ -98,13 +104,22 @@ def _random(count, g):
     return {k: torch.randn(count, *s, generator=g) for k, s in SHAPES.items()}
 
 
-def _round(strategy, server, trained, clients, weights, state=None):
-    """One server round of `strategy` through the real reduction on a single process."""
-    ex = strategy.exchange(server, SHAPES)
-    reduction = GroupReduction(ex.means, ex.num_groups, ex.gathered)
-    reduction.add(strategy.contribute(trained, clients, weights, server=server, state=state))
+def _state(strategy, init, count):
+    """What `count` clients hold before their first round, `[count, ...]`."""
+    return {k: v.expand(count, *v.shape[1:]).clone() for k, v in strategy.init_client(init).items()}
+
+
+def _round(strategy, server, trained, clients, state=None):
+    """One server round of `strategy` through the real reduction on a single process: the new server
+    state, the bytes sent to the collectives, the reduction and the clients' new state."""
+    plan = strategy.configure_train(server, clients, clients)
+    if state is None:
+        state = _state(strategy, {k: torch.zeros(1, *shape) for k, shape in SHAPES.items()}, len(clients))
+    new_state, upload = strategy.finish_client(server, trained, state, clients)
+    reduction = Reduction(plan.exchange, strategy.population.num_examples)
+    reduction.add(clients, upload)
     reduced, sent = reduction.finish(comm=MPI.COMM_SELF)
-    return strategy.aggregate(server, reduced, round_index=1), sent
+    return strategy.aggregate_train(server, reduced, round_index=1), sent, reduced, new_state
 
 
 def _rank_r_reference(B, A, w, r):
@@ -118,11 +133,11 @@ def _rank_r_reference(B, A, w, r):
 def test_root_and_cluster_tiers_match_float64_truncated_svd(mode):
     g = torch.Generator().manual_seed(0)
     groups = np.array([0, 1, 0, 1, 1, 0])
-    s = _make(groups, root_aggregation=mode, cluster_aggregation=mode, root_rounds=3)
-    server = s.init_server(_init(g))
     clients, w = np.arange(6), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    s = _make(groups, num_examples=w.numpy(), root_aggregation=mode, cluster_aggregation=mode, root_rounds=3)
+    server = s.init_server(_init(g), frozen={})
     trained = _random(6, g)
-    new, _ = _round(s, server, trained, clients, w)
+    new, *_ = _round(s, server, trained, clients)
     for m in ("m", "n"):
         ref = _rank_r_reference(trained[f"{m}.lora_B"][..., :R], trained[f"{m}.lora_A"][:, :R], w.numpy(), R)
         got = new[f"{m}.root_B"][0].double() @ new[f"{m}.root_A"][0].double()
@@ -134,7 +149,7 @@ def test_root_and_cluster_tiers_match_float64_truncated_svd(mode):
               **{k: new[k].expand(2, *new[k].shape[1:]).clone()
                  for k in ("m.cluster_A", "m.cluster_B", "n.cluster_A", "n.cluster_B", "head.weight", "head.bias")}}
     trained = _random(6, g)
-    new, _ = _round(s, server, trained, clients, w)
+    new, *_ = _round(s, server, trained, clients)
     for c in (0, 1):
         sel = groups == c
         for m in ("m", "n"):
@@ -179,23 +194,35 @@ def test_last_root_round_gathers_everyone_and_clusters_them(statistic):
     groups = np.array([0, 1, 0, 1, 1, 0])
     options = {"basis_source": "update_product", "similarity": "cosine"} if statistic == "update_product" else {}
     s = _make(groups, root_rounds=1, k_max=3, **options)
-    server = s.init_server(_init(g))
-    assert s.participants(server, np.array([1, 4]), np.arange(6)).tolist() == list(range(6))
+    init = _init(g)  # its B is zero: so is the root B the clients receive
+    server = s.init_server(init, frozen={})
+    plan = s.configure_train(server, np.array([1, 4]), np.arange(6))
+    assert plan.participants.tolist() == list(range(6))
     rng = np.random.default_rng(0)
-    if statistic == "trained_B":
-        state = {f"{m}.ema_B": b.float() for m, b in zip(("m", "n"), _planted_bases(rng, groups, (6, 7), R, 0.05))}
-    else:  # product statistics: each cluster's clients share B ≈ U_c, A ≈ V_c (rank 2R)
-        state = {}
+    state, trained = _state(s, init, 6), _random(6, g)
+    if statistic == "trained_B":  # a cluster's clients keep and train B in one planted column space
+        for m, b in zip(("m", "n"), _planted_bases(rng, groups, (6, 7), R, 0.05)):
+            state[f"{m}.ema_B"] = b.float()
+            trained[f"{m}.lora_B"][..., :R] = b.float()
+    else:  # product statistics: each cluster's clients share B ≈ U_c, A ≈ V_c (rank 2R), and train along them
         for m, (p, d) in (("m", (6, 5)), ("n", (7, 4))):
             U, V = rng.standard_normal((2, p, 2 * R)), rng.standard_normal((2, 2 * R, d))
             state[f"{m}.ema_B"] = torch.tensor(U[groups] + 0.05 * rng.standard_normal((6, p, 2 * R))).float()
             state[f"{m}.ema_A"] = torch.tensor(V[groups] + 0.05 * rng.standard_normal((6, 2 * R, d))).float()
-    ex = s.exchange(server, SHAPES)
-    assert set(ex.gathered) == {k for k in state}
+            trained[f"{m}.lora_B"][..., :R] = torch.tensor(U[groups][..., :R]).float()
+            trained[f"{m}.lora_A"][:, :R] = torch.tensor(V[groups][:, :R]).float()
+    statistics = {k for k in state if ".ema_" in k}
+    assert set(plan.exchange.blocks["gathered"].keys) == statistics
     tier_bytes = sum(SHAPES[f"{m}.lora_A"][1] * R + SHAPES[f"{m}.lora_B"][0] * R for m in ("m", "n")) * 4
     head_bytes = (3 * 4 + 3) * 4
-    assert ex.bytes_up == tier_bytes + head_bytes + sum(v[0].numel() for v in state.values()) * 4
-    new, _ = _round(s, server, _random(6, g), np.arange(6), torch.ones(6, dtype=torch.float64), state)
+    per_client = tier_bytes + head_bytes + sum(state[k][0].numel() for k in statistics) * 4
+    up, _ = modelled_bytes(plan.exchange, plan.participants, np.full(6, 3 * R), np.ones(6))
+    assert up == 6 * per_client
+    new, _, reduced, new_state = _round(s, server, trained, np.arange(6), state)
+    rows = reduced["gathered"]  # what LSAC clustered: every client's statistic after this round's EMA step
+    assert rows.clients.tolist() == list(range(6))
+    for k in statistics:
+        torch.testing.assert_close(rows.values[k], new_state[k], rtol=0, atol=0)
     assert int(new["stage"][0]) == CLUSTER and new["m.cluster_B"].shape[0] == 2
     assert adjusted_rand_score(groups, new["clusters"].numpy()) == 1.0
     assert s.metrics(new)["cluster_ari"] == 1.0
@@ -265,38 +292,49 @@ def test_leaf_penalty_drives_overlap_with_root_and_cluster_down():
 def test_unseen_client_routed_to_its_cluster_starts_from_it():
     g = torch.Generator().manual_seed(5)
     s = _make()
-    server = s.init_server(_init(g))
+    server = s.init_server(_init(g), frozen={})
     rng = np.random.default_rng(6)
     centres = _planted_bases(rng, np.arange(3), (6, 7), R, 0.0)
-    server.update(stage=torch.tensor([LEAF]), clusters=torch.tensor([0, 1, 2, 0, 1, 2]))
+    new = np.array([3, 4, 5])  # clients that missed the rounds: no cluster
+    server.update(stage=torch.tensor([LEAF]), clusters=torch.tensor([0, 1, 2, -1, -1, -1]))
     for m, U in zip(("m", "n"), centres):
         server[f"{m}.cluster_B"] = U.float()
         server[f"{m}.cluster_A"] = torch.randn(3, R, SHAPES[f"{m}.lora_A"][1], generator=g)
     for h in ("head.weight", "head.bias"):
         server[h] = torch.randn(3, *SHAPES[h], generator=g)
-    kept = {**{k: v.expand(3, *v.shape[1:]) for k, v in _init(g).items()},
-            **{k: v.expand(3, *v.shape[1:]) for k, v in s.client_state(_init(g)).items()}}
-    probe = s.unseen_probe(server, kept, np.arange(3))
-    assert probe.steps == 20 and probe.hooks.active == CLUSTER
-    probed = dict(probe.adapters)
+    kept = _state(s, _init(g), 3)
+    probe = s.configure_client(server, kept, new, Task.PROBE)
+    assert probe.steps == 20 and probe.hooks.active == CLUSTER and set(probe.trainable) == set(SHAPES)
+    probed = dict(probe.start)
     for m, U in zip(("m", "n"), centres):  # as if client u's probe learned cluster [2, 0, 1][u]'s directions
         probed[f"{m}.lora_B"] = probed[f"{m}.lora_B"].clone()
         probed[f"{m}.lora_B"][..., R:2 * R] = U[[2, 0, 1]].float() @ torch.randn(3, R, R, generator=g)
-    start, hooks = s.unseen_start(server, kept, np.arange(3), probed)
-    assert hooks.active == LEAF
-    torch.testing.assert_close(start["m.lora_B"][..., R:2 * R], server["m.cluster_B"][[2, 0, 1]])
-    torch.testing.assert_close(start["head.weight"], server["head.weight"][[2, 0, 1]])
-    torch.testing.assert_close(start["m.lora_A"][:, :R], server["m.root_A"].expand(3, R, 5))
+    state = {k: probed.get(k, v) for k, v in kept.items()}  # what the probe trained, the new client keeps
+    evaluated = s.configure_evaluate(server, state, new)
+    plan = s.configure_client(server, state, new, Task.FINETUNE)
+    assert plan.hooks.active == LEAF
+    for start in (evaluated, plan.start):  # evaluated zero-shot with its cluster, then fine-tuned from it
+        torch.testing.assert_close(start["m.lora_B"][..., R:2 * R], server["m.cluster_B"][[2, 0, 1]])
+        torch.testing.assert_close(start["head.weight"], server["head.weight"][[2, 0, 1]])
+        torch.testing.assert_close(start["m.lora_A"][:, :R], server["m.root_A"].expand(3, R, 5))
 
 
 def test_leaf_stage_sends_and_reduces_no_adapter():
     g = torch.Generator().manual_seed(7)
     s = _make()
-    server = {**s.init_server(_init(g)), "stage": torch.tensor([LEAF]), "clusters": torch.zeros(6, dtype=torch.int64)}
-    ex = s.exchange(server, SHAPES)
-    assert ex.means == {} and ex.gathered == {} and ex.bytes_up == 0
-    new, sent = _round(s, server, _random(6, g), np.arange(6), torch.ones(6, dtype=torch.float64))
-    assert sent == 8  # one float64: the group's total weight
+    server = {**s.init_server(_init(g), frozen={}), "stage": torch.tensor([LEAF]), "clusters": torch.zeros(6, dtype=torch.int64)}
+    plan = s.configure_train(server, np.arange(6), np.arange(6))
+    assert plan.exchange.blocks == {} and plan.exchange.keys_up() == []
+    tier_bytes = sum(SHAPES[f"{m}.lora_A"][1] * R + SHAPES[f"{m}.lora_B"][0] * R for m in ("m", "n")) * 4
+    head_bytes = (3 * 4 + 3) * 4
+    # the final cluster tier and head arrive in the first leaf round, and nothing after it
+    assert modelled_bytes(plan.exchange, plan.participants, np.full(6, 3 * R), np.ones(6)) == (
+        0, 6 * (tier_bytes + head_bytes))
+    later = s.configure_train({**server, "stage_round": torch.tensor([1])}, np.arange(6), np.arange(6)).exchange
+    assert modelled_bytes(later, plan.participants, np.full(6, 3 * R), np.ones(6)) == (0, 0)
+    new, sent, _, state = _round(s, server, _random(6, g), np.arange(6))
+    assert sent == 0  # nothing enters a collective
+    assert state["leaf_started"].tolist() == [1] * 6
     for k, v in server.items():
         if k != "stage_round":
             torch.testing.assert_close(new[k], v, equal_nan=True)
@@ -330,4 +368,4 @@ def test_rank_count_changes_nothing_and_leaf_rounds_move_no_adapter(tmp_path):
     assert leaf == [3]
     for i in leaf:
         assert rounds[i]["bytes_up"] == rounds[i - 1]["bytes_up"]
-        assert rounds[i]["mpi_bytes"] - rounds[i - 1]["mpi_bytes"] == 2 * 8  # two ranks, one float64 weight each
+        assert rounds[i]["mpi_bytes"] == rounds[i - 1]["mpi_bytes"]  # no collective on the training path
