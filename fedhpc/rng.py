@@ -28,7 +28,7 @@ class Purpose(IntEnum):
     """Heterogeneous ranks drawn per client (`lora.rank_choices`): ids (seed,)."""
     LORA_REINIT = 4
     """A fresh LoRA A drawn by the server (FLoRA's restart): ids (seed, round, module index)."""
-    LAYER_ALLOCATION = 5  # Fed-HeLLo / FedRA / Exclusive: resource groups, ids (seed, 0); a client's layers, ids (seed, round, client)
+    LAYER_ALLOCATION = 5  # Fed-HeLLo, FedRA: resource groups, ids (seed, 0); layer sets, ids (seed, round, client)
 
 
 def keyed_rng(*ids: int, purpose: Purpose) -> np.random.Generator:
