@@ -9,7 +9,8 @@ from peft import PeftModel
 from conftest import REPO, TINY
 from fedhpc.cli import main
 from fedhpc.config import load_config
-from fedhpc.experiment import _setup, run
+from fedhpc.assemble import assemble
+from fedhpc.experiment import run
 from fedhpc.io.checkpoint import find_resumable, load
 from fedhpc.io.export import write_peft_adapter
 from fedhpc.models.backbone import build_backbone, build_cohort_model
@@ -32,7 +33,7 @@ def test_exported_client_model_matches_fedhpc(tmp_path):
 
 def _check_exports(cfg, summary, tmp_path):
     run_dir = tmp_path / "quickstart"
-    r = _setup(cfg, MPI.COMM_SELF)
+    r = assemble(cfg, MPI.COMM_SELF)
     data = r.data
     evaluated = json.loads((run_dir / "client_accuracy.json").read_text())
     client = int(data.seen[2])
@@ -45,7 +46,7 @@ def _check_exports(cfg, summary, tmp_path):
     ids = np.array([client])
     saved = load(find_resumable(run_dir, comm=MPI.COMM_SELF), clients=ids, device="cpu")
     ours = r.model(x, {k: v.expand(len(x), *v.shape[1:]) for k, v in
-                       r.strategy.personalized(saved.server, saved.clients, ids).items()})
+                       r.strategy.configure_evaluate(saved.server, saved.clients, ids).items()})
     torch.testing.assert_close(peft_logits(x), ours, rtol=1e-5, atol=1e-5)
     # ... and the accuracy fedhpc reported for client K in its last evaluation
     accuracy = float((peft_logits(x).argmax(-1) == data.test_y[test]).double().mean())
@@ -60,13 +61,13 @@ def test_heterogeneous_rank_client_with_a_folded_residual_matches_fedhpc(tmp_pat
     cfg = load_config(REPO / "configs/quickstart.yaml", TINY + [f"out_dir={tmp_path}", "strategy.name=fedex_lora",
                                                                 "lora.ranks=[2, 4]"])
     run(cfg, comm=MPI.COMM_SELF, progress=False)
-    r = _setup(cfg, MPI.COMM_SELF)
+    r = assemble(cfg, MPI.COMM_SELF)
     client = int(next(c for c in r.data.seen if r.ranks.ranks[c] == 2))
     assert main(["export", str(tmp_path / "quickstart"), "--client", str(client), "--out", str(tmp_path / "k")]) == 0
     x = r.data.test_x[r.data.client_test[client]]
     ids = np.array([client])
     saved = load(find_resumable(tmp_path / "quickstart", comm=MPI.COMM_SELF), clients=ids, device="cpu")
-    adapters = mask_to_ranks(r.strategy.personalized(saved.server, saved.clients, ids), r.ranks.of(ids))
+    adapters = mask_to_ranks(r.strategy.configure_evaluate(saved.server, saved.clients, ids), r.ranks.of(ids))
     assert any(k.endswith(".base_delta") and v.abs().max() > 0 for k, v in adapters.items())
     with torch.no_grad():
         per_row = {k: v if k.endswith(".base_delta") else v.expand(len(x), *v.shape[1:]) for k, v in adapters.items()}
@@ -78,7 +79,7 @@ def test_exported_global_model_matches_fedhpc(tmp_path):
     cfg = load_config(REPO / "configs/quickstart.yaml", TINY + [f"out_dir={tmp_path}", "rounds=1"])
     summary = run(cfg, comm=MPI.COMM_SELF, progress=False)
     assert main(["export", str(tmp_path / "quickstart"), "--global", "--out", str(tmp_path / "g")]) == 0
-    data = _setup(cfg, MPI.COMM_SELF).data
+    data = assemble(cfg, MPI.COMM_SELF).data
     with torch.no_grad():
         logits = _peft(cfg, tmp_path / "g", data.num_classes)(data.global_test_x)
     accuracy = float((logits.argmax(-1) == data.global_test_y).double().mean())
