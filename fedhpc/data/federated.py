@@ -45,6 +45,9 @@ class FederatedData:
     """`[M]` domain id of each test-pool sample, or None."""
     global_test_domain: np.ndarray | None = None
     """`[G]` domain id of each global test sample (for per-domain accuracy), or None."""
+    layer_groups: np.ndarray | None = None
+    """`[layers, num_clients]` true group of each client at each adapted block, shallow to deep
+    (planted data with a depth profile, `data.planted.depth_profile`), or None."""
 
     @property
     def num_clients(self) -> int:
