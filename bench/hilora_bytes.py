@@ -3,8 +3,8 @@
     python bench/hilora_bytes.py [configs/hilora.yaml] [--clusters 4]
 
 Builds the config's model (adapter shapes only, nothing trains), then for each of
-`product_dense`, `product_gather`, `factor_mean` and each stage pushes random contributions of
-C clients through the real `GroupReduction` on COMM_SELF and prints the bytes it reports (what
+`product_dense`, `product_gather`, `factor_mean` and each stage pushes random uploads of
+C clients (`finish_client`) through the real `Reduction` on COMM_SELF and prints the bytes it reports (what
 this rank puts into the collectives). The tension: product-space aggregation either ships
 dense d_out x d_in per group (flat in C) or every client's factors (linear in C).
 """
@@ -19,26 +19,31 @@ from mpi4py import MPI
 from fedhpc.config import load_config
 from fedhpc.assemble import adapter_lora
 from fedhpc.models.backbone import build_cohort_model
-from fedhpc.runtime.reduce import GroupReduction
-from fedhpc.strategies import build_strategy
+from fedhpc.models.ranks import ClientRanks
+from fedhpc.runtime.reduce import Reduction
+from fedhpc.strategies import Population, build_strategy
 from fedhpc.strategies.hilora_tiers import CLUSTER, LEAF
 
 
-def sent_bytes(cfg, shapes, mode: str, stage: int, clients: int, clusters: int) -> int:
+def sent_bytes(cfg, model, mode: str, stage: int, clients: int, clusters: int) -> int:
     cfg.strategy.root_aggregation = cfg.strategy.cluster_aggregation = mode
-    strategy = build_strategy(cfg.strategy, keys=list(shapes), groups=np.arange(clients) % clusters)
+    shapes, lora, ids = model.shapes, adapter_lora(cfg), np.arange(clients)
+    population = Population(num_examples=np.ones(clients), groups=ids % clusters,
+                            ranks=ClientRanks(np.full(clients, lora.r), lora.lora_alpha), seed=cfg.seed)
+    strategy = build_strategy(cfg.strategy, shapes=dict(shapes), population=population)
     init = {k: torch.randn(1, *s) for k, s in shapes.items()}
-    server = strategy.init_server(init)
+    server = strategy.init_server(init, frozen=model.frozen_weights())
     server["stage_round"] += 1  # not the clustering round
     if stage != 0:
         for k in [k for k in server if k.endswith(("cluster_A", "cluster_B"))] + strategy.heads:
             server[k] = server[k].expand(clusters, *server[k].shape[1:]).clone()
         server.update(stage=torch.tensor([stage]), clusters=torch.arange(clients) % clusters)
-    ex = strategy.exchange(server, shapes)
-    reduction = GroupReduction(ex.means, ex.num_groups, ex.gathered)
-    ids = np.arange(clients)
+    plan = strategy.configure_train(server, ids, ids)
+    reduction = Reduction(plan.exchange, population.num_examples)
     trained = {k: torch.randn(clients, *s) for k, s in shapes.items()}
-    reduction.add(strategy.contribute(trained, ids, torch.ones(clients, dtype=torch.float64), server=server))
+    state = {k: v.expand(clients, *v.shape[1:]).clone() for k, v in strategy.init_client(init).items()}
+    _, upload = strategy.finish_client(server, trained, state, ids)
+    reduction.add(ids, upload)
     return reduction.finish(comm=MPI.COMM_SELF)[1]
 
 
@@ -61,7 +66,7 @@ def main() -> None:
         for stage, name in ((0, "root"), (CLUSTER, "cluster"), (LEAF, "leaf")):
             for clients in (5, 20, 80):
                 print(f"| {mode} | {name} | {clients} | "
-                      f"{sent_bytes(cfg, shapes, mode, stage, clients, args.clusters):,} |")
+                      f"{sent_bytes(cfg, model, mode, stage, clients, args.clusters):,} |")
 
 
 if __name__ == "__main__":
