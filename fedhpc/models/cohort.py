@@ -49,7 +49,7 @@ import torch.nn as nn
 from .dropout import keyed_dropout
 
 __all__ = ["CohortLoRALinear", "CohortHead", "CohortModel", "lora_keys", "base_delta_key", "mixture_keys",
-           "factored_keys", "variant_shapes", "VARIANTS"]
+           "factored_keys", "variant_shapes", "VARIANTS", "group_by_block"]
 
 Variant = Literal["mixture", "factored"]
 VARIANTS: tuple[Variant, ...] = ("mixture", "factored")
@@ -72,6 +72,21 @@ def mixture_keys(module_name: str) -> tuple[str, str, str]:
 def factored_keys(module_name: str) -> tuple[str, str]:
     """Keys of a factored full-space update ΔW = update_B update_A: `(update_A, update_B)`, A first as in `lora_keys`."""
     return f"{module_name}.update_A", f"{module_name}.update_B"
+
+
+def group_by_block(module_names: list[str]) -> list[list[str]]:
+    """Adapted modules grouped by the transformer block they sit in, shallow to deep.
+
+    A module's block is the first integer in its dotted name (`blocks.3.attn.qkv` -> 3,
+    `bert.encoder.layer.3.attention.self.query` -> 3); a module without one is an error.
+    """
+    blocks: dict[int, list[str]] = {}
+    for name in module_names:
+        index = next((int(part) for part in name.split(".") if part.isdigit()), None)
+        if index is None:
+            raise ValueError(f"adapted module '{name}' names no block index (expected e.g. 'blocks.3.attn.qkv')")
+        blocks.setdefault(index, []).append(name)
+    return [blocks[i] for i in sorted(blocks)]
 
 
 def variant_shapes(shapes: dict[str, tuple[int, ...]], variant: Variant, *, rank: int) -> dict[str, tuple[int, ...]]:
