@@ -63,6 +63,14 @@ class PlantedConfig:
     root + cluster + client LoRA parts and head (fedhpc.models.teacher), so the student can fit
     it exactly and clusters live in LoRA space. `latent`: a linear teacher on the latent code
     (this module's own; independent of the model)."""
+    depth_profile: list[int] = field(default_factory=list)
+    """Backbone teacher only: heterogeneity that depends on depth. One entry per block that
+    carries target modules, shallow to deep: 1 = every client shares the block (root part only),
+    g > 1 = g groups nested in the planted clusters (g divides num_clusters; cluster c is in group
+    c // (num_clusters // g)), 0 = one part per client; each non-root part has `cluster_strength`.
+    The head keeps root + cluster + client parts, and the true grouping of every block is stored
+    (`FederatedData.layer_groups`). Empty (default): root + cluster + client parts on every target.
+    E.g. [1, 1, 2, 2, 4, 0]: a shared trunk, 2 super-clusters, 4 clusters, a per-client last block."""
 
     def __post_init__(self):
         for name in ("num_clusters", "num_classes", "samples_per_client", "latent_dim",
@@ -72,6 +80,12 @@ class PlantedConfig:
         for name in ("cluster_strength", "client_strength"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        bad = [g for g in self.depth_profile if g < 0 or (g > 1 and self.num_clusters % g)]
+        if bad:
+            raise ValueError(f"depth_profile entries must be 0 (per client), 1 (shared) or a divisor of "
+                             f"num_clusters={self.num_clusters}; got {bad}")
+        if self.depth_profile and self.teacher != "backbone":
+            raise ValueError("depth_profile needs teacher=backbone (the latent teacher has no blocks)")
 
 
 @dataclass(kw_only=True)
