@@ -20,7 +20,7 @@ import torch
 
 from ..data.config import PlantedConfig
 from ..data.federated import FederatedData
-from .cohort import CohortModel
+from .cohort import CohortModel, group_by_block
 
 __all__ = ["plant_backbone_teacher"]
 
@@ -44,6 +44,7 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
     frozen = {n: model.backbone.get_submodule(n).base.weight.detach().double() for n in model.targets}
     frozen["head"] = model.head_init["head.weight"].double()
     p = cfg.perturbation_rank
+    levels = _depth_levels(model.targets, cfg)
     out = {}
     for t, (name, w0) in enumerate(frozen.items()):
         scale = torch.linalg.matrix_norm(w0).item()
@@ -53,6 +54,8 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
             parts = [_part(seed, 3 * t, 0, w0.shape, p, strengths[0] * scale),
                      _part(seed, 3 * t + 1, int(clusters[k]), w0.shape, p, strengths[1] * scale),
                      _part(seed, 3 * t + 2, int(k), w0.shape, p, strengths[2] * scale)]
+            if name in levels:  # depth profile: the block's own grouping replaces cluster + client parts
+                parts[1:] = _depth_parts(seed, t, levels[name], int(k), clusters, cfg, w0.shape, strengths[1] * scale)
             bs.append(torch.cat([b for b, _ in parts], dim=1))
             as_.append(torch.cat([a for _, a in parts], dim=0))
         b, a = torch.stack(bs).float(), torch.stack(as_).float()
@@ -62,6 +65,37 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
         else:
             out[f"{name}.lora_A"], out[f"{name}.lora_B"] = a, b
     return out
+
+
+def _depth_levels(targets: list[str], cfg: PlantedConfig) -> dict[str, int]:
+    """Each target module's entry of `cfg.depth_profile` (by its block); empty without a profile."""
+    if not cfg.depth_profile:
+        return {}
+    blocks = group_by_block(targets)
+    if len(blocks) != len(cfg.depth_profile):
+        raise ValueError(f"data.planted.depth_profile has {len(cfg.depth_profile)} entries but the model has "
+                         f"{len(blocks)} blocks with target modules; give one entry per block")
+    return {name: level for names, level in zip(blocks, cfg.depth_profile) for name in names}
+
+
+def _depth_parts(seed: int, t: int, level: int, k: int, clusters: np.ndarray, cfg: PlantedConfig,
+                 shape: tuple[int, int], norm: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Client k's non-root parts at target t of a depth-profile block: the part of its group at
+    this level (norm 0 at a shared block), then a zero part, so every target keeps rank 3p."""
+    p = cfg.perturbation_rank
+    if level == 0:
+        varied = _part(seed, 3 * t + 2, k, shape, p, norm)
+    else:
+        group = int(_depth_groups(level, clusters, cfg.num_clusters)[k])
+        varied = _part(seed, 3 * t + 1, level * len(clusters) + group, shape, p, norm if level > 1 else 0.0)
+    return [varied, _part(seed, 3 * t + 2, k, shape, p, 0.0)]
+
+
+def _depth_groups(level: int, clusters: np.ndarray, num_clusters: int) -> np.ndarray:
+    """`[num_clients]` group of every client at a block of this depth-profile level."""
+    if level == 0:
+        return np.arange(len(clusters))
+    return np.asarray(clusters) // (num_clusters // level)
 
 
 @torch.no_grad()
@@ -101,5 +135,8 @@ def plant_backbone_teacher(model: CohortModel, data: FederatedData, *, cfg: Plan
     root = _teacher_adapters(model, data.groups, clients[:1], cfg, seed, root_only=True)
     (global_labels,) = _label(model, root, data.global_test_x, [np.arange(len(data.global_test_y))])
     labels = torch.from_numpy(labels)
+    layer_groups = None
+    if cfg.depth_profile:
+        layer_groups = np.stack([_depth_groups(level, data.groups, cfg.num_clusters) for level in cfg.depth_profile])
     return replace(data, train_y=labels[:len(data.train_y)], test_y=labels[len(data.train_y):],
-                   global_test_y=torch.from_numpy(global_labels))
+                   global_test_y=torch.from_numpy(global_labels), layer_groups=layer_groups)
