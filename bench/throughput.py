@@ -8,7 +8,8 @@ The same clients (same data, same batches, same AdamW hyperparameters, same opti
 are trained for one round two ways:
 
   cohort      fedhpc: `local_train` over passes of `clients_per_pass` clients, as
-              `experiment._train_round` drives it (split_passes, gather the pass's adapters,
+              the round loop drives it (`experiment._train_round` / `clients.train_pass`:
+              split_passes, runnable, gather the pass's adapters,
               fresh optimizer state per pass, train, scatter back). clients_per_pass is what
               `probe_clients_per_pass` picks, as `fedhpc run` does by default.
   sequential  what a researcher writes by hand: ONE peft model (`get_peft_model` on the same
@@ -54,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedhpc.clients import runnable  # noqa: E402
 from fedhpc.models.backbone import build_backbone, build_cohort_model  # noqa: E402
 from fedhpc.models.config import LoraConfig, ModelConfig  # noqa: E402
 from fedhpc.train.local import (LocalHooks, TrainConfig, client_batches, keep_freed_memory,  # noqa: E402
@@ -142,13 +144,13 @@ class Setup:
     def fresh(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.start.items()}
 
-    # --- (a) fedhpc: cohort passes, as experiment._train_round drives local_train ---
+    # --- (a) fedhpc: cohort passes, as experiment._train_round / clients.train_pass drive local_train ---
     def cohort_round(self, store: dict[str, torch.Tensor], per_pass: int, clients: np.ndarray | None = None) -> int:
         clients = self.clients if clients is None else clients
         optimizer = StackedOptimizer(self.cfg.optimizer)
         passes = 0
         for ids in split_passes(clients, per_pass):
-            run_ids = ids if len(ids) > 1 else np.repeat(ids, 2)  # as _train_round: never a one-client pass
+            run_ids = runnable(ids)  # as _train_round: never a one-client pass
             rows = torch.as_tensor(run_ids, device=self.device)
             adapters = {k: v[rows] for k, v in store.items()}
             opt_state = optimizer.init_state(adapters)
