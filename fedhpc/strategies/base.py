@@ -6,6 +6,9 @@ with the same arguments, except the client verbs, which see the clients the rank
 
   server  init_server        once: the replicated server state
   client  init_client        once: what every client holds before its first round
+  server  configure_score    optional, each round before configure_train: a model to score on the
+                             server's proxy set (`ScoreRequest`), or None (Fed-HeLLo's FIM-HLA)
+  server  aggregate_score    the new server state from those scores
   server  configure_train    each round: who trains, and the declared `Exchange` (blocks up, keys down)
   client  configure_client   each pass of clients: a `ClientPlan` (start adapters, what trains,
                              hooks, optimizer); also for a new client's probe and fine-tuning (`Task`)
@@ -28,6 +31,7 @@ The base class is FedIT: everything shared, one mean block, every client in one 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,8 +41,8 @@ from ..models.ranks import ClientRanks
 from ..runtime.exchange import Block, Exchange, Means, Reduced
 from ..train.plan import ClientPlan, LocalHooks, Task
 
-__all__ = ["StrategyConfig", "Strategy", "Population", "RoundPlan", "register_strategy", "build_strategy",
-           "list_strategies", "is_lora_a", "is_lora_b", "is_head"]
+__all__ = ["StrategyConfig", "Strategy", "Population", "RoundPlan", "ScoreRequest", "register_strategy",
+           "build_strategy", "list_strategies", "is_lora_a", "is_lora_b", "is_head"]
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
@@ -72,6 +76,11 @@ class StrategyConfig(Selectable):
         """Rank of the adapters the model is built with, for `lora.r = r` (HiLoRA stacks tiers)."""
         return r
 
+    def proxy_samples(self) -> int:
+        """Training samples the server holds out of the clients' data as its proxy set, scored by
+        `Strategy.configure_score` (`data/proxy.py`); 0, the default, leaves the data untouched."""
+        return 0
+
 
 @dataclass(frozen=True)
 class Population:
@@ -96,6 +105,19 @@ class RoundPlan:
     participants: np.ndarray
     """Sorted ids of the clients that train."""
     exchange: Exchange
+
+
+@dataclass
+class ScoreRequest:
+    """A model the server scores on its proxy set before a round (`Strategy.configure_score`)."""
+    adapters: dict[str, torch.Tensor]
+    """`[1, ...]` adapters of the model to score (e.g. the global model)."""
+    keys: list[str]
+    """Adapter keys to score."""
+    target: Literal["logit", "log_prob"] = "logit"
+    """What is differentiated per sample: the true class's logit or its log-probability."""
+    entries: bool = False
+    """True: a score per entry `[*shape]` (the diagonal empirical Fisher); False: their sum `[]`."""
 
 
 class Strategy:
@@ -124,6 +146,18 @@ class Strategy:
         return kept_init(init, self.private())
 
     # --- the round --------------------------------------------------------------------------
+    def configure_score(self, server: dict[str, torch.Tensor], *, round_index: int) -> ScoreRequest | None:
+        """Optional, before `configure_train`, identically on every rank: a model to score on the
+        server's proxy set (`StrategyConfig.proxy_samples`), or None (the default: no scoring)."""
+        return None
+
+    def aggregate_score(self, server: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], *,
+                        round_index: int) -> dict[str, torch.Tensor]:
+        """The new server state from a `configure_score` request's scores `{key: float64}`: the mean
+        over the proxy samples of each sample's squared gradient (`train/scoring.py: proxy_scores`),
+        the same on every rank."""
+        return server
+
     def configure_train(self, server: dict[str, torch.Tensor], sampled: np.ndarray, seen: np.ndarray) -> RoundPlan:
         """Who trains this round (`sampled` by the config, from the `seen` clients) and what
         travels: called once per round before local training, identically on every rank."""
