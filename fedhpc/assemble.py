@@ -5,12 +5,14 @@ run's model from its config, so they all build exactly the same thing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from .config import ExperimentConfig
 from .data import build_federated_data
+from .data.proxy import hold_out_proxy
 from .models.backbone import build_cohort_model
 from .models.ranks import ClientRanks
 from .models.teacher import plant_backbone_teacher
@@ -34,6 +36,9 @@ class Run:
     per_pass: int
     """Clients fused into one forward pass."""
     ranks: ClientRanks
+    proxy: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Sorted indices into the training pool of the server's proxy set (empty unless the strategy
+    asks for one: `StrategyConfig.proxy_samples`); no client trains on them."""
 
     def scaling(self, ids) -> torch.Tensor:
         """`[C]` LoRA scaling of these clients on the run's device."""
@@ -51,6 +56,9 @@ def assemble(cfg: ExperimentConfig, comm) -> Run:
                                rank=ranks.max)
     if cfg.data.name == "planted" and cfg.data.planted.teacher == "backbone":
         data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
+    proxy = np.zeros(0, dtype=np.int64)
+    if cfg.strategy.proxy_samples() > 0:  # after labelling: the proxy set keeps its samples' labels
+        data, proxy = hold_out_proxy(data, count=cfg.strategy.proxy_samples(), seed=cfg.seed)
     population = Population(num_examples=data.num_examples, groups=data.groups, ranks=ranks, seed=cfg.seed)
     strategy = build_strategy(cfg.strategy, shapes=dict(model.shapes), population=population)
     init = {k: v.to(world.device) for k, v in model.init_adapters(1, torch.Generator().manual_seed(cfg.seed)).items()}
@@ -64,7 +72,7 @@ def assemble(cfg: ExperimentConfig, comm) -> Run:
                                             batch_size=cfg.train.batch_size, max_clients=max(2, len(world.clients)),
                                             trainable=list(model.shapes))
         per_pass = comm.bcast(choice, root=0)
-    return Run(cfg, world, data, model, strategy, init, per_pass, ranks)
+    return Run(cfg, world, data, model, strategy, init, per_pass, ranks, proxy)
 
 
 def adapter_lora(cfg: ExperimentConfig):
