@@ -29,6 +29,7 @@ from .strategies import RoundPlan
 from .train.local import split_passes
 from .train.optim import StackedOptimizer
 from .train.plan import Task
+from .train.scoring import proxy_scores
 
 __all__ = ["run", "sample_clients"]
 
@@ -103,6 +104,7 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     """One round: plan, local training (this rank's participants), reduce, aggregate, evaluate, log."""
     t0 = time.perf_counter()
     sampled = sample_clients(r.data.seen, r.cfg.sampling, seed=r.cfg.seed, round_index=round_index)
+    s.server = _score_proxy(r, s.server, round_index)
     plan = r.strategy.configure_train(s.server, sampled, r.data.seen)
     reduction, loss_stats = _train_round(r, s, plan, round_index)
     reduced, sent = reduction.finish(comm=r.world.comm)  # the only collectives on the training path
@@ -125,6 +127,25 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     out.log_round(metrics)
     s.history.append(metrics)
     return metrics
+
+
+def _score_proxy(r: Run, server: dict, round_index: int) -> dict:
+    """A strategy's optional step before planning a round: the Fisher scores of a model it names
+    on the server's proxy set. Rank 0 computes them and every rank receives the same float64."""
+    request = r.strategy.configure_score(server, round_index=round_index)
+    if request is None:
+        return server
+    if len(r.proxy) == 0:
+        raise ValueError(f"strategy {r.cfg.strategy.name} asks for proxy-set scores but holds no proxy set "
+                         "(its config's proxy_samples() is 0)")
+    scores = None
+    if r.world.is_root:
+        adapters = {k: v.to(r.world.device) for k, v in request.adapters.items()}
+        scores = {k: v.cpu() for k, v in proxy_scores(
+            r.model, adapters, x=r.data.train_x, y=r.data.train_y, indices=r.proxy, keys=request.keys,
+            target=request.target, entries=request.entries, chunk=r.cfg.train.eval_batch_size).items()}
+    scores = r.world.comm.bcast(scores, root=0)  # pickled: a few tensors of the adapters' size at most
+    return r.strategy.aggregate_score(server, scores, round_index=round_index)
 
 
 def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int) -> tuple[Reduction, torch.Tensor]:
