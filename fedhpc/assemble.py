@@ -59,7 +59,8 @@ def assemble(cfg: ExperimentConfig, comm) -> Run:
     proxy = np.zeros(0, dtype=np.int64)
     if cfg.strategy.proxy_samples() > 0:  # after labelling: the proxy set keeps its samples' labels
         data, proxy = hold_out_proxy(data, count=cfg.strategy.proxy_samples(), seed=cfg.seed)
-    population = Population(num_examples=data.num_examples, groups=data.groups, ranks=ranks, seed=cfg.seed)
+    population = Population(num_examples=data.num_examples, groups=data.groups, ranks=ranks, seed=cfg.seed,
+                            layer_groups=data.layer_groups)
     strategy = build_strategy(cfg.strategy, shapes=dict(model.shapes), population=population)
     init = {k: v.to(world.device) for k, v in model.init_adapters(1, torch.Generator().manual_seed(cfg.seed)).items()}
     per_pass = cfg.train.clients_per_pass

@@ -93,6 +93,9 @@ class Population:
     """LoRA rank and scaling per client."""
     seed: int = 0
     """The experiment seed (for a strategy's own keyed random streams, `fedhpc.rng`)."""
+    layer_groups: np.ndarray | None = None
+    """`[layers, num_clients]` true group of each client at each adapted block, shallow to deep
+    (planted data with a depth profile), or None; diagnostics only."""
 
     @property
     def size(self) -> int:
