@@ -71,6 +71,11 @@ class PlantedConfig:
     The head keeps root + cluster + client parts, and the true grouping of every block is stored
     (`FederatedData.layer_groups`). Empty (default): root + cluster + client parts on every target.
     E.g. [1, 1, 2, 2, 4, 0]: a shared trunk, 2 super-clusters, 4 clusters, a per-client last block."""
+    teacher_blocks: list[int] = field(default_factory=list)
+    """Backbone teacher only: the blocks (0-based among those carrying target modules, shallow to
+    deep) whose target modules carry the teacher's planted LoRA parts; the other blocks carry none
+    and the head keeps its parts. Empty (default): every block. E.g. [4, 5]: only the two deepest of
+    six blocks (Fed-HeLLo's FIM scores should single them out)."""
 
     def __post_init__(self):
         for name in ("num_clusters", "num_classes", "samples_per_client", "latent_dim",
@@ -86,6 +91,10 @@ class PlantedConfig:
                              f"num_clusters={self.num_clusters}; got {bad}")
         if self.depth_profile and self.teacher != "backbone":
             raise ValueError("depth_profile needs teacher=backbone (the latent teacher has no blocks)")
+        if any(b < 0 for b in self.teacher_blocks) or len(set(self.teacher_blocks)) < len(self.teacher_blocks):
+            raise ValueError(f"teacher_blocks must be distinct block indices >= 0, got {self.teacher_blocks}")
+        if self.teacher_blocks and self.teacher != "backbone":
+            raise ValueError("teacher_blocks needs teacher=backbone (the latent teacher has no blocks)")
 
 
 @dataclass(kw_only=True)
