@@ -45,10 +45,13 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
     frozen["head"] = model.head_init["head.weight"].double()
     p = cfg.perturbation_rank
     levels = _depth_levels(model.targets, cfg)
+    silent = _silent_targets(model.targets, cfg)
     out = {}
     for t, (name, w0) in enumerate(frozen.items()):
         scale = torch.linalg.matrix_norm(w0).item()
         strengths = (ROOT_STRENGTH, 0.0 if root_only else cfg.cluster_strength, 0.0 if root_only else cfg.client_strength)
+        if name in silent:  # teacher_blocks: no planted part outside the chosen blocks
+            strengths = (0.0, 0.0, 0.0)
         bs, as_ = [], []
         for k in clients:
             parts = [_part(seed, 3 * t, 0, w0.shape, p, strengths[0] * scale),
@@ -65,6 +68,17 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
         else:
             out[f"{name}.lora_A"], out[f"{name}.lora_B"] = a, b
     return out
+
+
+def _silent_targets(targets: list[str], cfg: PlantedConfig) -> set[str]:
+    """Target modules outside the blocks `cfg.teacher_blocks` (they carry no planted part); empty without it."""
+    if not cfg.teacher_blocks:
+        return set()
+    blocks = group_by_block(targets)
+    if max(cfg.teacher_blocks) >= len(blocks):
+        raise ValueError(f"data.planted.teacher_blocks={cfg.teacher_blocks} names a block past the model's "
+                         f"{len(blocks)} blocks with target modules (0-based, shallow to deep)")
+    return {name for i, names in enumerate(blocks) if i not in cfg.teacher_blocks for name in names}
 
 
 def _depth_levels(targets: list[str], cfg: PlantedConfig) -> dict[str, int]:
