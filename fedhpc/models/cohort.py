@@ -33,6 +33,13 @@ method that binds none of them computes exactly what it did before they existed:
 
   GaLore trains one factor through the other, fixed one (right projection: update_A = P fixed,
   update_B = Z trained). It may be bound with or without `lora_A/lora_B`.
+- dense (full fine-tuning, algorithms.md §2.14; FedGaLore's projector probe): a per-client dense
+  update `<module>.client_delta` `[C, d_out, d_in]`, added unscaled and without dropout,
+
+      y += x ΔW_cᵀ
+
+  so its gradient is each client's full-space gradient of the weight. It may be bound with any
+  of the above (its shape is the weight's, so `variant_shapes` has no entry for it).
 
 The strategy decides what trains: gradients reach every bound tensor. `variant_shapes` gives
 the per-client shapes of a variant's keys so a strategy can build its initial state.
@@ -49,7 +56,7 @@ import torch.nn as nn
 from .dropout import keyed_dropout
 
 __all__ = ["CohortLoRALinear", "CohortHead", "CohortModel", "lora_keys", "base_delta_key", "mixture_keys",
-           "factored_keys", "variant_shapes", "VARIANTS", "group_by_block"]
+           "factored_keys", "client_delta_key", "variant_shapes", "VARIANTS", "group_by_block"]
 
 Variant = Literal["mixture", "factored"]
 VARIANTS: tuple[Variant, ...] = ("mixture", "factored")
@@ -72,6 +79,11 @@ def mixture_keys(module_name: str) -> tuple[str, str, str]:
 def factored_keys(module_name: str) -> tuple[str, str]:
     """Keys of a factored full-space update ΔW = update_B update_A: `(update_A, update_B)`, A first as in `lora_keys`."""
     return f"{module_name}.update_A", f"{module_name}.update_B"
+
+
+def client_delta_key(module_name: str) -> str:
+    """Key of a per-client dense update of a module's weight (the dense variant)."""
+    return f"{module_name}.client_delta"
 
 
 def group_by_block(module_names: list[str]) -> list[list[str]]:
@@ -139,6 +151,7 @@ class CohortLoRALinear(nn.Module):
         self.key_delta = base_delta_key(name)
         self.keys_mixture = mixture_keys(name)
         self.keys_update = factored_keys(name)
+        self.key_dense = client_delta_key(name)
         self.binding = binding
         self.dropout = dropout
         self.index = index  # distinguishes layers in the keyed dropout stream
@@ -153,14 +166,17 @@ class CohortLoRALinear(nn.Module):
             out = out + torch.nn.functional.linear(x, shared.reshape(shared.shape[-2:]).to(x.dtype))
         update = _bound(adapters, self.keys_update)
         mixture = _bound(adapters, self.keys_mixture)
+        dense = adapters.get(self.key_dense)
         if self.key_a not in adapters:
             if mixture is not None:
                 raise KeyError(f"{self.keys_mixture[0]} is bound without the cluster expert {self.key_a}")
-            if update is None:
+            if update is None and dense is None:
                 return out
         count = self.binding.scaling.shape[0]
         y = out.reshape(count, -1, out.shape[-1])                       # [C, n, d_out]
         h = x.reshape(count, -1, x.shape[-1])                           # [C, n, d_in]
+        if dense is not None:                                           # ΔW_c dense: unscaled, no dropout
+            y = torch.baddbmm(y, h, dense.to(h.dtype).transpose(1, 2))
         if update is not None:                                          # ΔW_c itself: unscaled, no dropout
             update_a, update_b = update
             y = torch.baddbmm(y, torch.bmm(h, update_a.transpose(1, 2)), update_b.transpose(1, 2))
