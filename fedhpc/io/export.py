@@ -41,7 +41,7 @@ def write_peft_adapter(adapters: dict[str, torch.Tensor], *, model_cfg, lora_cfg
     backbone, head, _ = build_backbone(model_cfg, num_classes=num_classes, seed=seed)
     modules = sorted({k.rsplit(".", 1)[0] for k in adapters if k.endswith(".lora_A")})
     scaling = lora_cfg.lora_alpha / lora_cfg.r if scaling is None else scaling
-    adapters = _fold_base_deltas(adapters, modules, scaling)
+    adapters = _fold_base_deltas(_fold_mixtures(adapters, modules), modules, scaling)
     ranks = {m: int(adapters[f"{m}.lora_A"].shape[1]) for m in modules}
     other = {m: r for m, r in ranks.items() if r != lora_cfg.r}
     config = LoraConfig(r=lora_cfg.r, lora_alpha=scaling * lora_cfg.r, target_modules=modules,
@@ -62,6 +62,19 @@ def write_peft_adapter(adapters: dict[str, torch.Tensor], *, model_cfg, lora_cfg
                          f"missing {missing[:3]})")
     out = Path(out)
     peft_model.save_pretrained(str(out))
+    return out
+
+
+def _fold_mixtures(adapters: dict[str, torch.Tensor], modules: list[str]) -> dict:
+    """A two-expert mixture (FedTreeLoRA: `expert_A/B`, `mix_logit`) as one LoRA of the summed rank,
+    exactly: s [λ B A + (1 − λ) E_B E_A] = s [λ B, (1 − λ) E_B] [A; E_A], λ = sigmoid(mix_logit)."""
+    out = {k: v for k, v in adapters.items() if not k.endswith((".expert_A", ".expert_B", ".mix_logit"))}
+    for m in modules:
+        if f"{m}.mix_logit" not in adapters:
+            continue
+        lam = torch.sigmoid(adapters[f"{m}.mix_logit"]).view(-1, 1, 1)
+        out[f"{m}.lora_B"] = torch.cat([lam * adapters[f"{m}.lora_B"], (1 - lam) * adapters[f"{m}.expert_B"]], dim=2)
+        out[f"{m}.lora_A"] = torch.cat([adapters[f"{m}.lora_A"], adapters[f"{m}.expert_A"]], dim=1)
     return out
 
 
