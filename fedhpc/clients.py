@@ -63,6 +63,8 @@ def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round
     if plan.steps > 0:
         train_cfg = replace(train_cfg, local_steps=plan.steps)
     optimizer = plan.optimizer or StackedOptimizer(cfg.train.optimizer)
+    if not hasattr(optimizer, "step"):  # the plan's own optimizer, made for the run's settings
+        optimizer = optimizer(cfg.train.optimizer)
     opt_state = plan.opt_state
     if opt_state is None:
         opt_state = optimizer.init_state({k: plan.start[k] for k in plan.trainable})

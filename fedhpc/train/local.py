@@ -131,16 +131,21 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
         yb = y[torch.from_numpy(index.reshape(-1))].to(device, non_blocking=True)
         mask_t = torch.from_numpy(mask).to(device)
         live = {k: (v.requires_grad_(True) if k in trainable else v) for k, v in adapters.items()}
+        probes = {k: p.detach().requires_grad_(True) for k, p in hooks.probes(step).items()}
+        live.update(probes)
         keys = client_keys(seed, ids, round_index, step).to(device) if dropout else None
         logits = model(xb, live, scaling=scaling, dropout_keys=keys)
         per_row = F.cross_entropy(logits.float(), yb, reduction="none").view(count, -1)
         per_client = (per_row * mask_t).sum(1) / mask_t.sum(1).clamp(min=1)
         extra = hooks.loss(live, start)
         total = per_client if extra is None else per_client + extra
-        grads = torch.autograd.grad(total.sum(), [live[k] for k in trainable])
+        grads = torch.autograd.grad(total.sum(), [live[k] for k in trainable] + list(probes.values()))
+        probed = dict(zip(probes, grads[len(trainable):]))
         grads = dict(zip(trainable, grads))
         for v in adapters.values():
             v.requires_grad_(False)
+        if probed:
+            hooks.probed(probed, adapters)
         hooks.grads(grads, adapters)
         for key, keep in movable.items():
             grads[key].mul_(keep)

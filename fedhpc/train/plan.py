@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+
+from .optim import OptimConfig
 
 __all__ = ["Task", "LocalHooks", "Optimizer", "ClientPlan"]
 
@@ -41,6 +43,16 @@ class LocalHooks:
 
     def grads(self, grads: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> None:
         """Transform the gradients in place before the optimizer step (e.g. control variates)."""
+
+    def probes(self, step: int) -> dict[str, torch.Tensor]:
+        """Extra tensors `[C, ...]` bound beside the adapters for local step `step` only, whose
+        gradients the hooks want but no optimizer steps (e.g. a zero `<module>.client_delta`: its
+        gradient is the full-space gradient of the weight, for GaLore's projector). Default: none."""
+        return {}
+
+    def probed(self, grads: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> None:
+        """The gradients of this step's `probes` (raw: before masks and clipping), called before
+        `grads`; `adapters` may be changed in place (e.g. a new projector in a fixed factor)."""
 
     def scored(self, scores: dict[str, torch.Tensor]) -> None:
         """Before training, when the plan asks for it (`ClientPlan.score_batches`): each client's
@@ -76,8 +88,10 @@ class ClientPlan:
     trainable: list[str]
     """Keys that get gradients and optimizer steps."""
     hooks: LocalHooks = field(default_factory=LocalHooks)
-    optimizer: Optimizer | None = None
-    """None: the config's AdamW / SGD (`train.optimizer`)."""
+    optimizer: Optimizer | Callable[[OptimConfig], Optimizer] | None = None
+    """None: the config's AdamW / SGD (`train.optimizer`). A function instead of an optimizer is
+    called with the run's `train.optimizer` settings (a method's own optimizer that follows the
+    configured lr, betas, eps and weight decay)."""
     opt_state: dict[str, torch.Tensor] | None = None
     """Starting optimizer state `[C, ...]`; None: the kept state (`strategy.keep_optimizer_state`)
     or a fresh one."""
