@@ -29,6 +29,10 @@ class Purpose(IntEnum):
     LORA_REINIT = 4
     """A fresh LoRA A drawn by the server (FLoRA's restart): ids (seed, round, module index)."""
     LAYER_ALLOCATION = 5  # Fed-HeLLo, FedRA: resource groups, ids (seed, 0); layer sets, ids (seed, round, client)
+    PROJECTOR_SKETCH = 6
+    """FedGaLore's randomized projector: ids (seed, client, round, local step, module index)."""
+    AJIVE_RESAMPLE = 7
+    """FedGaLore's AJIVE joint-rank bounds drawn by the server: ids (seed, round, module index)."""
 
 
 def keyed_rng(*ids: int, purpose: Purpose) -> np.random.Generator:
