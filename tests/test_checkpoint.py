@@ -56,7 +56,9 @@ def _global_rng_states():
 
 # HiLoRA keeps no optimizer state (a frozen tier's moments would move it); its resume crosses
 # from the root stage (clustering at its end) into the cluster stage.
-OPTIONS = {"hilora": ["strategy.root_rounds=1", "strategy.cluster_rounds=1", "strategy.basis_source=update_product"]}
+# FedTreeLoRA keeps none either (the mixing logits have no optimizer slot); its resume crosses the tree's construction.
+OPTIONS = {"hilora": ["strategy.root_rounds=1", "strategy.cluster_rounds=1", "strategy.basis_source=update_product"],
+           "fedtreelora": ["strategy.warmup_rounds=1"]}
 
 
 @pytest.mark.parametrize("strategy", list_strategies())
