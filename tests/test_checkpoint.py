@@ -60,6 +60,11 @@ def _global_rng_states():
 OPTIONS = {"hilora": ["strategy.root_rounds=1", "strategy.cluster_rounds=1", "strategy.basis_source=update_product"],
            "fedtreelora": ["strategy.warmup_rounds=1"]}
 
+# FedGaLore and fedavg_full keep no optimizer state either (re-seeded from the server every round);
+# FedGaLore's resume carries the averaged moments, the shared projector and each client's step count.
+OPTIONS.update({"fedgalore": ["strategy.sync=s1", "strategy.sync_first_moment=true", "strategy.bias_correction=global"],
+                "fedavg_full": []})
+
 
 @pytest.mark.parametrize("strategy", list_strategies())
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(strategy, tmp_path):
