@@ -13,10 +13,9 @@ import torch
 
 from .assemble import Run
 from .models.ranks import mask_to_ranks
-from .train.local import client_batches, local_train
+from .train.local import local_train
 from .train.optim import StackedOptimizer
 from .train.plan import ClientPlan, Task
-from .train.scoring import fisher_scores
 
 __all__ = ["ClientStore", "train_pass", "runnable", "OPTIMIZER"]
 
@@ -69,12 +68,6 @@ def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round
     if opt_state is None:
         opt_state = optimizer.init_state({k: plan.start[k] for k in plan.trainable})
     plan.start.update(mask_to_ranks(plan.start, run.ranks.of(ids)))  # each client starts at its own rank
-    if plan.score_batches > 0:
-        batches = [client_batches(data.client_train[c], seed=cfg.seed, client=int(c), round_index=round_index,
-                                  cfg=train_cfg)[:plan.score_batches] for c in ids]
-        first = [np.concatenate(b) if b else np.zeros(0, dtype=np.int64) for b in batches]
-        plan.hooks.scored(fisher_scores(run.model, plan.start, x=data.train_x, y=data.train_y, indices=first,
-                                        keys=plan.trainable, scaling=run.scaling(ids)))
     losses = local_train(run.model, adapters=plan.start, opt_state=opt_state, trainable=plan.trainable,
                          x=data.train_x, y=data.train_y, client_ids=ids,
                          client_indices=[data.client_train[c] for c in ids], seed=cfg.seed,

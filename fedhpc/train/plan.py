@@ -54,11 +54,6 @@ class LocalHooks:
         """The gradients of this step's `probes` (raw: before masks and clipping), called before
         `grads`; `adapters` may be changed in place (e.g. a new projector in a fixed factor)."""
 
-    def scored(self, scores: dict[str, torch.Tensor]) -> None:
-        """Before training, when the plan asks for it (`ClientPlan.score_batches`): each client's
-        Fisher score `[C]` of every trainable key on its first batches of the round
-        (`train/scoring.py`), e.g. to choose which layers train (`movable`)."""
-
     def stepped(self, active: torch.Tensor) -> None:
         """Called after each optimizer step with the clients `[C]` (bool) that took it."""
 
@@ -97,6 +92,3 @@ class ClientPlan:
     or a fresh one."""
     steps: int = 0
     """> 0: exactly this many local steps (a probe); 0: the config's epochs / steps."""
-    score_batches: int = 0
-    """> 0: score the trainable keys on each client's first this-many batches before training
-    and hand the scores to `hooks.scored`."""
