@@ -73,9 +73,9 @@ class PlantedConfig:
     E.g. [1, 1, 2, 2, 4, 0]: a shared trunk, 2 super-clusters, 4 clusters, a per-client last block."""
     teacher_blocks: list[int] = field(default_factory=list)
     """Backbone teacher only: the blocks (0-based among those carrying target modules, shallow to
-    deep) whose target modules carry the teacher's planted LoRA parts; the other blocks carry none
-    and the head keeps its parts. Empty (default): every block. E.g. [4, 5]: only the two deepest of
-    six blocks (Fed-HeLLo's FIM scores should single them out)."""
+    deep) whose target modules carry the teacher's planted LoRA parts; the other blocks and the head
+    carry none (a student with the initial head fits it by LoRA alone). Empty (default): every block
+    and the head. E.g. [4, 5]: only the two deepest of six blocks (Fed-HeLLo's FIM benchmark)."""
 
     def __post_init__(self):
         for name in ("num_clusters", "num_classes", "samples_per_client", "latent_dim",

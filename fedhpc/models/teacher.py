@@ -71,14 +71,15 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
 
 
 def _silent_targets(targets: list[str], cfg: PlantedConfig) -> set[str]:
-    """Target modules outside the blocks `cfg.teacher_blocks` (they carry no planted part); empty without it."""
+    """Target modules outside the blocks `cfg.teacher_blocks`, and the head: they carry no planted
+    part, so the teacher's LoRA lives in those blocks only. Empty without `teacher_blocks`."""
     if not cfg.teacher_blocks:
         return set()
     blocks = group_by_block(targets)
     if max(cfg.teacher_blocks) >= len(blocks):
         raise ValueError(f"data.planted.teacher_blocks={cfg.teacher_blocks} names a block past the model's "
                          f"{len(blocks)} blocks with target modules (0-based, shallow to deep)")
-    return {name for i, names in enumerate(blocks) if i not in cfg.teacher_blocks for name in names}
+    return {"head"} | {name for i, names in enumerate(blocks) if i not in cfg.teacher_blocks for name in names}
 
 
 def _depth_levels(targets: list[str], cfg: PlantedConfig) -> dict[str, int]:
