@@ -76,6 +76,16 @@ class PlantedConfig:
     deep) whose target modules carry the teacher's planted LoRA parts; the other blocks and the head
     carry none (a student with the initial head fits it by LoRA alone). Empty (default): every block
     and the head. E.g. [4, 5]: only the two deepest of six blocks (Fed-HeLLo's FIM benchmark)."""
+    root_rank: int = 0
+    """Backbone teacher only: rank of the root (shared) part on every target module and the head
+    (0: `perturbation_rank`). Capped at each matrix's min(d_out, d_in), so a large value (e.g. 4096)
+    plants a full-rank update that no rank-r LoRA can represent (FedGaLore's setting, algorithms.md §7)."""
+    label_skew: float = 0.0
+    """Backbone teacher only: Dirichlet α of a label-skewed split (0: none). After labelling, all
+    clients' training samples are pooled and dealt again by class with Dirichlet(α) shares (the
+    `dirichlet` partition, at least 2 per client), and each client's local test split follows its
+    training mix; samples keep their labels. Meant with cluster_strength = client_strength = 0 (one
+    teacher, label skew only: 0.1 strong, 0.5 moderate)."""
 
     def __post_init__(self):
         for name in ("num_clusters", "num_classes", "samples_per_client", "latent_dim",
@@ -95,6 +105,10 @@ class PlantedConfig:
             raise ValueError(f"teacher_blocks must be distinct block indices >= 0, got {self.teacher_blocks}")
         if self.teacher_blocks and self.teacher != "backbone":
             raise ValueError("teacher_blocks needs teacher=backbone (the latent teacher has no blocks)")
+        if self.root_rank < 0 or self.label_skew < 0:
+            raise ValueError(f"root_rank and label_skew must be >= 0, got {self.root_rank}, {self.label_skew}")
+        if (self.root_rank or self.label_skew) and self.teacher != "backbone":
+            raise ValueError("root_rank and label_skew need teacher=backbone")
 
 
 @dataclass(kw_only=True)

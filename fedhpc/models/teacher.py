@@ -10,6 +10,9 @@ every client exactly in principle, and clients of one cluster share a LoRA subsp
 clustering methods must recover. Each part has norm `strength * ||W0||_F`; the parts' seeds
 depend only on (seed, tier, id), never on the rank count. The global test set is labelled by
 the root teacher (root parts only).
+
+FedGaLore's setting (algorithms.md §7): `root_rank` plants a full-rank root part, and `label_skew`
+deals the labelled samples over the clients by Dirichlet(α) label shares.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import torch
 
 from ..data.config import PlantedConfig
 from ..data.federated import FederatedData
+from ..data.partition import dirichlet_partition, ensure_min_samples, matched_test_partition
+from ..rng import make_rng
 from .cohort import CohortModel, group_by_block
 
 __all__ = ["plant_backbone_teacher"]
@@ -28,6 +33,8 @@ ROOT_STRENGTH = 0.5
 """Norm of the root part relative to the frozen weight: the shared task moves away from W0."""
 LABEL_CHUNK = 64
 """Rows per client per labelling pass."""
+LABEL_SKEW_MIN_SAMPLES = 2
+"""Training samples every client keeps under `label_skew`."""
 
 
 def _part(seed: int, tier: int, ident: int, shape: tuple[int, int], rank: int, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,11 +57,12 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
     for t, (name, w0) in enumerate(frozen.items()):
         scale = torch.linalg.matrix_norm(w0).item()
         strengths = (ROOT_STRENGTH, 0.0 if root_only else cfg.cluster_strength, 0.0 if root_only else cfg.client_strength)
+        root_rank = min(cfg.root_rank, *w0.shape)  # 0: perturbation_rank
         if name in silent:  # teacher_blocks: no planted part outside the chosen blocks
             strengths = (0.0, 0.0, 0.0)
         bs, as_ = [], []
         for k in clients:
-            parts = [_part(seed, 3 * t, 0, w0.shape, p, strengths[0] * scale),
+            parts = [_part(seed, 3 * t, 0, w0.shape, root_rank or p, strengths[0] * scale),
                      _part(seed, 3 * t + 1, int(clusters[k]), w0.shape, p, strengths[1] * scale),
                      _part(seed, 3 * t + 2, int(k), w0.shape, p, strengths[2] * scale)]
             if name in levels:  # depth profile: the block's own grouping replaces cluster + client parts
@@ -136,8 +144,20 @@ def _label(model: CohortModel, adapters: dict[str, torch.Tensor], x: torch.Tenso
     return labels
 
 
+def _label_skewed(data: FederatedData, labels: torch.Tensor, *, alpha: float, seed: int) -> FederatedData:
+    """Clients dealt again by label: Dirichlet(`alpha`) shares of every class of the pooled training
+    samples, local test splits following each client's training mix (`data.partition` rules)."""
+    train_y, test_y = labels[:len(data.train_y)].numpy(), labels[len(data.train_y):].numpy()
+    rng = make_rng(seed, "planted-label-skew")
+    parts = dirichlet_partition(train_y, num_clients=data.num_clients, alpha=alpha, rng=rng)
+    parts = ensure_min_samples(parts, min_samples=LABEL_SKEW_MIN_SAMPLES, rng=rng)
+    tests = matched_test_partition(train_y, parts, test_y, rng=rng)
+    return replace(data, client_train=parts, client_test=tests)
+
+
 def plant_backbone_teacher(model: CohortModel, data: FederatedData, *, cfg: PlantedConfig, seed: int) -> FederatedData:
-    """`data` relabelled by the backbone teacher (inputs, clients and clusters unchanged)."""
+    """`data` relabelled by the backbone teacher (inputs and clusters unchanged; the clients' samples
+    too, unless `label_skew` deals them again by label)."""
     clients = np.arange(data.num_clients)
     teacher = _teacher_adapters(model, data.groups, clients, cfg, seed, root_only=False)
     rows = [np.concatenate([tr, te + len(data.train_y)]) for tr, te in zip(data.client_train, data.client_test)]
@@ -150,6 +170,8 @@ def plant_backbone_teacher(model: CohortModel, data: FederatedData, *, cfg: Plan
     root = _teacher_adapters(model, data.groups, clients[:1], cfg, seed, root_only=True)
     (global_labels,) = _label(model, root, data.global_test_x, [np.arange(len(data.global_test_y))])
     labels = torch.from_numpy(labels)
+    if cfg.label_skew > 0:
+        data = _label_skewed(data, labels, alpha=cfg.label_skew, seed=seed)
     layer_groups = None
     if cfg.depth_profile:
         layer_groups = np.stack([_depth_groups(level, data.groups, cfg.num_clusters) for level in cfg.depth_profile])
