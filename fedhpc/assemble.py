@@ -17,6 +17,7 @@ from .models.backbone import build_cohort_model
 from .models.ranks import ClientRanks
 from .models.teacher import plant_backbone_teacher
 from .runtime.world import World, make_world
+from .single_thread import single_threaded
 from .strategies import Population, Strategy, build_strategy
 from .train.local import probe_clients_per_pass
 
@@ -55,7 +56,8 @@ def assemble(cfg: ExperimentConfig, comm) -> Run:
     model = build_cohort_model(cfg.model, lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device,
                                rank=ranks.max)
     if cfg.data.name == "planted" and cfg.data.planted.teacher == "backbone":
-        data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
+        with single_threaded():  # labels must not depend on the thread count either
+            data = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
     proxy = np.zeros(0, dtype=np.int64)
     if cfg.strategy.proxy_samples() > 0:  # after labelling: the proxy set keeps its samples' labels
         data, proxy = hold_out_proxy(data, count=cfg.strategy.proxy_samples(), seed=cfg.seed)

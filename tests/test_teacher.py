@@ -49,3 +49,32 @@ def test_fedit_learns_the_planted_task(tmp_path):
     summary = run(cfg, comm=MPI.COMM_SELF, progress=False)
     chance = 1 / cfg.data.planted.num_classes
     assert summary["global_accuracy"] > 2.5 * chance, summary
+
+
+def _labels_fingerprint() -> str:
+    import hashlib
+
+    from fedhpc.assemble import assemble
+
+    cfg = load_config(REPO / "configs/quickstart.yaml", TINY + ["num_clients=12", "train.clients_per_pass=2"])
+    data = assemble(cfg, MPI.COMM_SELF).data
+    return hashlib.sha256(data.train_x.numpy().tobytes() + data.train_y.numpy().tobytes()
+                          + data.global_test_y.numpy().tobytes()).hexdigest()
+
+
+def test_planted_inputs_and_labels_do_not_depend_on_the_thread_count():
+    """Another process on one thread builds the same inputs and teacher labels as this one on two."""
+    import os
+    import subprocess
+    import sys
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        here = _labels_fingerprint()
+    finally:
+        torch.set_num_threads(before)
+    code = "from test_teacher import _labels_fingerprint; print(_labels_fingerprint())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO / "tests", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.split()[-1] == here

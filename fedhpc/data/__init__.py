@@ -1,13 +1,15 @@
 """Federated data: data sets, partitioners and the `FederatedData` every loader returns.
 
 `build_federated_data(cfg, num_clients=..., seed=...)` looks the data set up by name in
-`DATASETS`. Same inputs give bitwise the same `FederatedData` on every process: all
-randomness comes from numpy generators keyed by (seed, purpose), never global state.
+`DATASETS`. Same inputs give bitwise the same `FederatedData` on every process, whatever its
+thread count: all randomness comes from numpy generators keyed by (seed, purpose), never global
+state, and the build runs single-threaded.
 """
 from __future__ import annotations
 
 from typing import Callable, Literal
 
+from ..single_thread import single_threaded
 from .cifar100 import load_cifar100
 from .config import DataConfig, PartitionConfig, PlantedConfig
 from .digits import load_digits
@@ -49,6 +51,13 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
     """
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(list_datasets())}")
+    with single_threaded():  # the same bits whatever the thread count (fedhpc/single_thread.py)
+        return _build(cfg, num_clients=num_clients, seed=seed, modality=modality, seq_len=seq_len,
+                      vocab_size=vocab_size)
+
+
+def _build(cfg: DataConfig, *, num_clients: int, seed: int, modality: str, seq_len: int,
+           vocab_size: int) -> FederatedData:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if modality == "image":
