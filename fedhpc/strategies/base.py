@@ -42,7 +42,9 @@ from ..runtime.exchange import Block, Exchange, Means, Reduced
 from ..train.plan import ClientPlan, LocalHooks, Task
 
 __all__ = ["StrategyConfig", "Strategy", "Population", "RoundPlan", "ScoreRequest", "register_strategy",
-           "build_strategy", "list_strategies", "is_lora_a", "is_lora_b", "is_head"]
+           "build_strategy", "list_strategies", "is_lora_a", "is_lora_b", "is_head", "replace_present", "kept_init",
+           # the contract's other types, re-exported so a method imports everything from here
+           "ClientPlan", "LocalHooks", "Task", "Block", "Exchange", "Reduced"]
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
@@ -269,7 +271,3 @@ def build_strategy(cfg: StrategyConfig, *, shapes: dict[str, tuple[int, ...]], p
     if cfg.name not in STRATEGIES:
         raise ValueError(f"unknown strategy '{cfg.name}' (known: {', '.join(list_strategies())})")
     return STRATEGIES[cfg.name](cfg, shapes=shapes, population=population)
-
-
-# re-exported for strategy modules: the plan types they build
-__all__ += ["ClientPlan", "LocalHooks", "Task", "Block", "Exchange", "Reduced", "replace_present", "kept_init"]
