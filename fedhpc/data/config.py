@@ -67,7 +67,8 @@ class PlantedConfig:
     """Backbone teacher only: heterogeneity that depends on depth. One entry per block that
     carries target modules, shallow to deep: 1 = every client shares the block (root part only),
     g > 1 = g groups nested in the planted clusters (g divides num_clusters; cluster c is in group
-    c // (num_clusters // g)), 0 = one part per client; each non-root part has `cluster_strength`.
+    c // (num_clusters // g)) with parts of `cluster_strength`, 0 = one part per client, of
+    `client_strength`.
     The head keeps root + cluster + client parts, and the true grouping of every block is stored
     (`FederatedData.layer_groups`). Empty (default): root + cluster + client parts on every target.
     E.g. [1, 1, 2, 2, 4, 0]: a shared trunk, 2 super-clusters, 4 clusters, a per-client last block."""

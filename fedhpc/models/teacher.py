@@ -66,7 +66,8 @@ def _teacher_adapters(model: CohortModel, clusters: np.ndarray, clients: np.ndar
                      _part(seed, 3 * t + 1, int(clusters[k]), w0.shape, p, strengths[1] * scale),
                      _part(seed, 3 * t + 2, int(k), w0.shape, p, strengths[2] * scale)]
             if name in levels:  # depth profile: the block's own grouping replaces cluster + client parts
-                parts[1:] = _depth_parts(seed, t, levels[name], int(k), clusters, cfg, w0.shape, strengths[1] * scale)
+                norm = (strengths[2] if levels[name] == 0 else strengths[1]) * scale
+                parts[1:] = _depth_parts(seed, t, levels[name], int(k), clusters, cfg, w0.shape, norm)
             bs.append(torch.cat([b for b, _ in parts], dim=1))
             as_.append(torch.cat([a for _, a in parts], dim=0))
         b, a = torch.stack(bs).float(), torch.stack(as_).float()
@@ -104,7 +105,8 @@ def _depth_levels(targets: list[str], cfg: PlantedConfig) -> dict[str, int]:
 def _depth_parts(seed: int, t: int, level: int, k: int, clusters: np.ndarray, cfg: PlantedConfig,
                  shape: tuple[int, int], norm: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Client k's non-root parts at target t of a depth-profile block: the part of its group at
-    this level (norm 0 at a shared block), then a zero part, so every target keeps rank 3p."""
+    this level (its own part at a per-client block; norm 0 at a shared one), then a zero part, so
+    every target keeps rank 3p."""
     p = cfg.perturbation_rank
     if level == 0:
         varied = _part(seed, 3 * t + 2, k, shape, p, norm)
