@@ -312,3 +312,102 @@ def test_projected_adam_equals_dense_galore_in_float64(case):
                 ref = P if side.right else P.T
                 torch.testing.assert_close(mine.T @ mine, ref.T @ ref, rtol=0, atol=1e-4)
             assert len(projectors[m]) == s.cfg.projectors
+
+
+# --- the planted setting: a full-rank teacher update under label skew ------------------------------
+from fedhpc.data import build_federated_data  # noqa: E402
+from fedhpc.models.backbone import build_cohort_model  # noqa: E402
+from fedhpc.models.teacher import _teacher_adapters, plant_backbone_teacher  # noqa: E402
+
+
+def test_planted_teacher_with_a_full_rank_root_under_dirichlet_label_skew():
+    skewed = ["data.planted.root_rank=4096", "data.planted.cluster_strength=0", "data.planted.client_strength=0",
+              "data.planted.samples_per_client=40"]
+    cfg = load_config(REPO / "configs/quickstart.yaml", TINY + skewed + ["data.planted.label_skew=0.1"])
+    data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed)
+    model = build_cohort_model(cfg.model, cfg.lora, num_classes=data.num_classes, seed=cfg.seed)
+    root = _teacher_adapters(model, data.groups, np.arange(1), cfg.data.planted, cfg.seed, root_only=True)
+    for name, w0 in model.frozen_weights().items():  # the root update has full rank: no rank-4 LoRA holds it
+        update = root[f"{name}.lora_B"][0].double() @ root[f"{name}.lora_A"][0].double()
+        assert torch.linalg.matrix_rank(update) == min(w0.shape), name
+    skew = plant_backbone_teacher(model, data, cfg=cfg.data.planted, seed=cfg.seed)
+    plain_cfg = load_config(REPO / "configs/quickstart.yaml", TINY + skewed)
+    plain = plant_backbone_teacher(model, data, cfg=plain_cfg.data.planted, seed=cfg.seed)
+    assert torch.equal(skew.train_y, plain.train_y) and torch.equal(skew.test_y, plain.test_y)  # same labels
+    assert np.array_equal(np.sort(np.concatenate(skew.client_train)), np.arange(len(skew.train_y)))  # a partition
+    assert min(len(ix) for ix in skew.client_train) >= 2
+
+    def top_share(parts, y):
+        return np.mean([np.bincount(y[ix].numpy(), minlength=10).max() / len(ix) for ix in parts])
+
+    assert top_share(skew.client_train, skew.train_y) > top_share(plain.client_train, plain.train_y) + 0.25
+    for train, test in zip(skew.client_train, skew.client_test):   # local tests follow the training mix
+        assert set(skew.test_y[test].tolist()) <= set(skew.train_y[train].tolist())
+
+
+# --- runs: resume, rank count, refusals ---------------------------------------------------------------
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from fedhpc.cli import main  # noqa: E402
+from fedhpc.experiment import run as run_experiment  # noqa: E402
+from fedhpc.io.checkpoint import find_resumable  # noqa: E402
+
+from conftest import mpiexec  # noqa: E402
+from test_checkpoint import _assert_same_run  # noqa: E402
+from test_experiment import _close  # noqa: E402
+
+# every piece of carried state: AJIVE's profile (Wedin cut, keyed resamples), two projectors a round
+# (randomized, keyed sketches), the per-client step counter of the global bias correction
+CARRIED = ["strategy.name=fedgalore", "strategy.ajive_threshold=wedin", "strategy.ajive_samples=50",
+           "strategy.projectors=2", "strategy.refresh_steps=2", "strategy.svd=randomized",
+           "strategy.bias_correction=global", "strategy.profile_ema=0.5", "train.local_steps=4"]
+
+
+def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
+    overrides = TINY + CARRIED + ["rounds=3", "checkpoint.keep=3", "sampling.fraction=0.7"]
+    run_experiment(load_config(REPO / "configs/quickstart.yaml", overrides + [f"out_dir={tmp_path / 'a'}"]),
+                   comm=MPI.COMM_SELF, progress=False)
+    full, part = tmp_path / "a" / "quickstart", tmp_path / "b" / "quickstart"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints/round-000002.h5", part / "checkpoints")
+    shutil.copy(full / "config.yaml", part)
+    run_experiment(load_config(REPO / "configs/quickstart.yaml", overrides + [f"out_dir={tmp_path / 'b'}"]),
+                   comm=MPI.COMM_SELF, progress=False, resume=find_resumable(part, comm=MPI.COMM_SELF))
+    _assert_same_run(part, full)
+
+
+@pytest.mark.slow  # ~3 minutes on the shared 2-core machine (9 MPI launches); the golden cases cover 1-4 ranks too
+@pytest.mark.parametrize("method", [CARRIED, ["strategy.name=fedgalore", "strategy.sync=s1"],
+                                    ["strategy.name=fedavg_full"]], ids=["fedgalore-s2", "fedgalore-s1", "fedavg_full"])
+def test_rank_count_changes_no_result(method, tmp_path):
+    summaries = {}
+    for n in (1, 2, 4):
+        proc = mpiexec(n, ["run", str(REPO / "configs/quickstart.yaml"), *TINY, f"out_dir={tmp_path / f'n{n}'}",
+                           *method, "--quiet", "sampling.fraction=0.7", "train.clients_per_pass=2"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries[n] = json.loads((tmp_path / f"n{n}" / "quickstart" / "summary.json").read_text())
+    _close(summaries[1], summaries[2])
+    _close(summaries[1], summaries[4])
+
+
+def test_fedavg_full_refuses_in_one_line_when_it_cannot_fit(tmp_path, capsys):
+    code = main(["run", str(REPO / "configs/quickstart.yaml"), *TINY, f"out_dir={tmp_path}",
+                 "strategy.name=fedavg_full", "strategy.memory_limit_gb=0.0001", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "fedavg_full needs at least" in err, err
+    assert not (tmp_path / "quickstart" / "metrics.jsonl").exists()               # before any training
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"keep_optimizer_state": True}, "keep_optimizer_state"),
+    ({"projectors": 2}, "refresh_steps"),
+    ({"sync": "s1", "projectors": 2, "refresh_steps": 3}, "projectors=1"),
+    ({"sync": "s2", "sync_first_moment": True}, "sync_first_moment"),
+    ({"profile_ema": 1.0}, "profile_ema"),
+    ({"rank": 6}, "strategy.rank=6"),
+])
+def test_bad_fedgalore_options_are_one_line_errors(options, key):
+    with pytest.raises(ValueError, match=key) as err:
+        _make("fedgalore", **options)
+    assert "\n" not in str(err.value)
