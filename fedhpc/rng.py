@@ -33,6 +33,10 @@ class Purpose(IntEnum):
     """FedGaLore's randomized projector: ids (seed, client, round, local step, module index)."""
     AJIVE_RESAMPLE = 7
     """FedGaLore's AJIVE joint-rank bounds drawn by the server: ids (seed, round, module index)."""
+    EVAL_SAMPLE = 8
+    """The seen clients an intermediate evaluation measures (`eval.fraction` / `eval.count`): ids (seed, round)."""
+    CLUSTER_SKETCH = 9
+    """The random sketch of the scalable clustering path: ids (seed, matrix index)."""
 
 
 def keyed_rng(*ids: int, purpose: Purpose) -> np.random.Generator:
