@@ -20,6 +20,7 @@ from .config import ExperimentConfig, SamplingConfig, to_dict
 from .evaluate import evaluate_round, unseen_accuracy
 from .io.checkpoint import CheckpointError, Checkpointer
 from .io.checkpoint import load as load_checkpoint
+from .io.progress import Progress
 from .io.run_dir import RunDir
 from .rng import Purpose, keyed_rng
 from .runtime.exchange import modelled_bytes
@@ -67,7 +68,8 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
     r = assemble(cfg, comm)
     resolved = to_dict(cfg)
     resolved["train"]["clients_per_pass"] = r.per_pass
-    say = (lambda *a: print(*a, flush=True)) if (progress and r.world.is_root) else (lambda *a: None)
+    bar = Progress(rounds=cfg.rounds, active=progress and r.world.is_root)  # live on a terminal, lines otherwise
+    say = bar.say
     s = _fresh_state(r) if resume is None else _resumed_state(r, resume)
     run_dir = Path(cfg.out_dir) / cfg.name
     out = RunDir(run_dir, active=r.world.is_root, history=s.history)
@@ -81,10 +83,7 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
     metrics = s.history[-1] if s.history else {}
     for round_index in range(s.first, cfg.rounds + 1):
         metrics = _round(r, s, round_index, out)
-        say(f"round {round_index:>3}/{cfg.rounds}  loss {metrics['train_loss']:.4f}  "
-            f"global {metrics.get('global_accuracy', math.nan):.4f}  "
-            f"personalized {metrics.get('personalized_mean', math.nan):.4f}  "
-            f"{metrics['clients_per_second']:.1f} clients/s")
+        bar.round(round_index, metrics)
         preempted = guard.agreed(comm=comm)  # every rank agrees; then checkpoint in the background
         if checkpoints.due(round_index) or preempted:
             path = checkpoints.save(round_index, server=s.server, clients=s.store.tensors,

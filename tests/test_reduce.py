@@ -145,3 +145,20 @@ def test_modelled_bytes_honour_per_client_overrides_and_down_ranks():
                      bytes_down=np.array([1, 2, 3, 4, 5, 6]))
     assert modelled_bytes(fixed, participants, RANKS, num_examples) == (3 * 18 * 4, 2 + 5 + 6)
     assert modelled_bytes(Exchange(), participants, RANKS, num_examples) == (0, 0)  # nothing travels
+
+
+def test_a_client_that_did_not_train_a_block_counts_in_nothing_even_nan():
+    """Weight 0: no part in the block's mean (a NaN it uploads included), and no bytes up even
+    where the block gives per-client byte counts."""
+    import torch
+
+    from fedhpc.runtime.reduce import Reduction
+
+    weights = np.array([2.0, 0.0, 3.0])
+    exchange = Exchange({"b": Block({"x": (2,)}, weights=weights, bytes_up=np.array([10, 20, 30]))})
+    reduction = Reduction(exchange, np.ones(3))
+    reduction.add(np.arange(3), {"x": torch.tensor([[1.0, 2.0], [float("nan"), float("inf")], [4.0, 8.0]])})
+    means = reduction.finish(comm=MPI.COMM_SELF)[0]["b"]
+    assert means.values["x"].tolist() == [[(2 * 1 + 3 * 4) / 5, (2 * 2 + 3 * 8) / 5]]
+    assert means.weights.tolist() == [5.0]
+    assert modelled_bytes(exchange, np.arange(3), RANKS, np.ones(3))[0] == 10 + 30

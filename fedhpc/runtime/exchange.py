@@ -42,7 +42,7 @@ class Block:
     """`[num_clients]` weight of each client's rows (None: its training sample count)."""
     bytes_up: np.ndarray | None = None
     """`[num_clients]` modelled bytes each client uploads for the block (None: its keys in float32,
-    each client's LoRA factors at its true rank; 0 where its weight is 0)."""
+    each client's LoRA factors at its true rank). A client whose weight is 0 uploads nothing."""
 
     def __post_init__(self):
         if self.reduce not in ("mean", "gather"):
@@ -119,10 +119,10 @@ def modelled_bytes(exchange: Exchange, participants: np.ndarray, ranks: np.ndarr
     """Bytes up and down this round on the modelled client-server wire, over all participants."""
     up = 0
     for block in exchange.blocks.values():
-        if block.bytes_up is not None:
-            up += int(np.asarray(block.bytes_up)[participants].sum())
-            continue
         trained = block.weight_of(participants, num_examples).numpy() > 0
+        if block.bytes_up is not None:
+            up += int(np.asarray(block.bytes_up)[participants][trained].sum())
+            continue
         for rank in ranks[participants][trained]:
             up += sum(numel_at_rank(k, s, int(rank)) for k, s in block.keys.items()) * 4
     if exchange.bytes_down is not None:

@@ -53,6 +53,7 @@ class Reduction:
             w = block.weight_of(clients, self.num_examples)
             rows = torch.cat([_flat(upload[k], torch.float64) for k in block.keys]
                              + [torch.ones(len(w), 1, dtype=torch.float64)], dim=1)
+            rows[w == 0] = 0.0  # a client that did not train the block counts in nothing, NaN included
             self.sums[name] += segment_sum(rows, block.group_of(clients), w, block.num_groups)
         if self.gathers:
             self.rows.append(torch.cat([_flat(upload[k], torch.float32)

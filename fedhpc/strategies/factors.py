@@ -8,9 +8,9 @@ algorithms.md §1.3)
 
     ΔW = Σ_k p_k s_k B_k A_k ,   p_k = n_k / Σ_j n_j ,   s_k = lora_alpha / r_k .
 
-Gathered factors stay stacked and zero-padded to r_max (`Participants`): padded rows of A and
-columns of B are exactly zero, so stacked products and `lowrank_aggregate(..., ranks=)` see
-each client at its own rank with no Python loop over participants.
+Gathered factors stay stacked and padded to r_max (`Participants`), the padding zeroed on
+arrival (whatever a client sent there), so stacked products and `lowrank_aggregate(..., ranks=)`
+see each client at its own rank with no Python loop over participants.
 
 Two conventions for the server's factors (B, A) at r_max:
 - adapter units: client k starts from B[:, :r_k], A[:r_k] and applies its own s_k
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..models.cohort import base_delta_key
+from ..models.ranks import mask_to_ranks
 from .base import Block, Exchange, Reduced, RoundPlan, Strategy, is_lora_a, is_lora_b
 
 __all__ = ["Participants", "FactorStrategy", "lora_modules", "weighted_factors", "padded_mean"]
@@ -91,8 +92,9 @@ class FactorStrategy(Strategy):
         rows = reduced[FACTORS]
         ranks = self.ranks.of(rows.clients.numpy())
         w = rows.weights.double()
-        return Participants(B=rows.values[f"{module}.lora_B"].double(), A=rows.values[f"{module}.lora_A"].double(),
-                            p=w / w.sum(), s=self.ranks.lora_alpha / ranks.double(), ranks=ranks)
+        a, b = f"{module}.lora_A", f"{module}.lora_B"
+        cut = mask_to_ranks({a: rows.values[a].double(), b: rows.values[b].double()}, ranks)
+        return Participants(B=cut[b], A=cut[a], p=w / w.sum(), s=self.ranks.lora_alpha / ranks.double(), ranks=ranks)
 
     # --- server state -------------------------------------------------------------------
     def init_server(self, init, *, frozen):
