@@ -37,6 +37,8 @@ class Purpose(IntEnum):
     """The seen clients an intermediate evaluation measures (`eval.fraction` / `eval.count`): ids (seed, round)."""
     CLUSTER_SKETCH = 9
     """The random sketch of the scalable clustering path: ids (seed, matrix index)."""
+    FAULTS = 10
+    """Client faults (`faults`: dropout, late clients and their share of work): ids (seed, client, round)."""
 
 
 def keyed_rng(*ids: int, purpose: Purpose) -> np.random.Generator:
