@@ -18,6 +18,7 @@ from .configtree import ConfigError, apply_overrides, build, to_dict
 from .data.config import DataConfig
 from .io.checkpoint import CheckpointConfig
 from .models.config import LoraConfig, ModelConfig
+from .store import StoreConfig
 from .strategies.base import StrategyConfig
 from .train.local import TrainConfig
 
@@ -44,10 +45,23 @@ class EvalConfig:
     """Evaluate every this many rounds (the last round is always evaluated)."""
     unseen_finetune_epochs: int = 1
     """Local epochs an unseen client trains from the global model before its second evaluation."""
+    fraction: float = 1.0
+    """Fraction of the seen clients whose personalized accuracy an intermediate evaluation measures:
+    a sample seeded by (seed, round), like Flower's fraction_evaluate (1: every client)."""
+    count: int = 0
+    """If > 0: exactly this many clients per intermediate evaluation (overrides fraction)."""
+    final: Literal["all", "sample"] = "all"
+    """The last round evaluates every seen client (all) or the same kind of sample (sample)."""
 
     def __post_init__(self):
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.count < 0:
+            raise ValueError(f"count must be >= 0 (0: use fraction), got {self.count}")
+        if self.final not in ("all", "sample"):
+            raise ValueError(f"final must be all or sample, got {self.final!r}")
         if self.unseen_finetune_epochs < 0:
             raise ValueError(f"unseen_finetune_epochs must be >= 0, got {self.unseen_finetune_epochs}")
 
@@ -74,6 +88,7 @@ class ExperimentConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self):
         if self.rounds < 1:

@@ -16,9 +16,10 @@ from .models.cohort import CohortModel
 from .models.ranks import mask_to_ranks
 from .train.local import split_passes
 from .runtime.reduce import allreduce_sum
+from .rng import Purpose, keyed_rng
 from .runtime.world import block_range
 
-__all__ = ["client_accuracy", "shared_accuracy", "evaluate_round", "unseen_accuracy"]
+__all__ = ["client_accuracy", "shared_accuracy", "evaluate_round", "evaluated_clients", "unseen_accuracy"]
 
 
 @torch.no_grad()
@@ -68,15 +69,30 @@ def shared_accuracy(model: CohortModel, adapters: dict[str, torch.Tensor], *, x:
 GLOBAL_CHUNK = 256  # rows per chunk of the shared test set (fixed: rank-count independent)
 
 
-def evaluate_round(run, server, store) -> tuple[dict, np.ndarray]:
-    """Round metrics (global accuracy, personalized mean / std / p10), and each seen client's
-    personalized accuracy in the order of `data.seen` (NaN: empty test split)."""
+def evaluated_clients(seen: np.ndarray, cfg, *, seed: int, round_index: int, final: bool) -> np.ndarray:
+    """The seen clients an evaluation measures (sorted, the same on every rank): all of them, or
+    a sample of `eval.count` / `eval.fraction` of them keyed by (seed, round) (`eval.final: all`
+    measures every client in the last round)."""
+    want = cfg.count if cfg.count > 0 else max(1, round(cfg.fraction * len(seen)))
+    if want >= len(seen) or (final and cfg.final == "all"):
+        return seen
+    rng = keyed_rng(seed, round_index, purpose=Purpose.EVAL_SAMPLE)
+    return np.sort(rng.choice(seen, size=want, replace=False))
+
+
+def evaluate_round(run, server, store, *, round_index: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Round metrics (global accuracy, personalized mean / std / p10 over the evaluated clients),
+    the evaluated seen clients (`evaluated_clients`) and their personalized accuracies in that order
+    (NaN: empty test split)."""
     data, out = run.data, {}
     global_adapters = run.strategy.global_model(server, run.init)
     out["global_accuracy"] = math.nan if global_adapters is None else shared_accuracy(
         run.model, global_adapters, x=data.global_test_x, y=data.global_test_y, chunk=GLOBAL_CHUNK,
         comm=run.world.comm)
-    mine = run.world.clients[np.isin(run.world.clients, data.seen)]
+    chosen = evaluated_clients(data.seen, run.cfg.eval, seed=run.cfg.seed, round_index=round_index,
+                               final=round_index == run.cfg.rounds)
+    lo, hi = int(run.world.clients[0]), int(run.world.clients[-1]) + 1  # a contiguous block
+    mine = chosen[(chosen >= lo) & (chosen < hi)]
     accs = []
     for ids in split_passes(mine, run.per_pass):
         adapters = mask_to_ranks(run.strategy.configure_evaluate(server, store.get(ids), ids), run.ranks.of(ids))
@@ -86,7 +102,9 @@ def evaluate_round(run, server, store) -> tuple[dict, np.ndarray]:
     if len(accs):
         out.update(personalized_mean=float(accs.mean()), personalized_std=float(accs.std()),
                    personalized_p10=float(np.percentile(accs, 10)))
-    return out, per_client
+    if len(chosen) < len(data.seen):
+        out["evaluated_clients"] = len(chosen)
+    return out, chosen, per_client
 
 
 def unseen_accuracy(run, server) -> tuple[float, float]:

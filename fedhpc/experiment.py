@@ -20,9 +20,12 @@ from .config import ExperimentConfig, SamplingConfig, to_dict
 from .evaluate import evaluate_round, unseen_accuracy
 from .io.checkpoint import CheckpointError, Checkpointer
 from .io.checkpoint import load as load_checkpoint
+from .io.checkpoint import restore_rows
 from .io.progress import Progress
 from .io.run_dir import RunDir
 from .rng import Purpose, keyed_rng
+from .runtime.world import local_rank
+from .store import MB, default_cap_bytes, make_store
 from .runtime.exchange import modelled_bytes
 from .runtime.preempt import Preempted, PreemptionGuard
 from .runtime.reduce import Reduction, allreduce_sum
@@ -86,8 +89,8 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
         bar.round(round_index, metrics)
         preempted = guard.agreed(comm=comm)  # every rank agrees; then checkpoint in the background
         if checkpoints.due(round_index) or preempted:
-            path = checkpoints.save(round_index, server=s.server, clients=s.store.tensors,
-                                    optimizer=s.opt_store.tensors if s.opt_store else None, totals=s.totals,
+            path = checkpoints.save(round_index, server=s.server, clients=_rows(s.store),
+                                    optimizer=_rows(s.opt_store) if s.opt_store else None, totals=s.totals,
                                     metrics=s.history, wall_seconds=s.wall_before + time.perf_counter() - t_start,
                                     wait=preempted)
         if preempted:
@@ -118,9 +121,9 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     metrics = {"round": round_index, "train_loss": train_loss, "participants": len(plan.participants), **s.totals,
                **r.strategy.metrics(s.server)}
     if round_index % r.cfg.eval.every == 0 or round_index == r.cfg.rounds:
-        evaluated, per_client = evaluate_round(r, s.server, s.store)
+        evaluated, chosen, per_client = evaluate_round(r, s.server, s.store, round_index=round_index)
         metrics.update(evaluated)
-        out.write_client_accuracy(round_index, r.data.seen, per_client)
+        out.write_client_accuracy(round_index, chosen, per_client)
     elapsed = time.perf_counter() - t0
     metrics.update(round_seconds=elapsed, clients_per_second=len(plan.participants) / elapsed)
     out.log_round(metrics)
@@ -186,23 +189,43 @@ def _summary(r: Run, s: _State, metrics: dict, *, wall: float) -> dict:
 
 
 def _fresh_state(r: Run) -> _State:
-    """Server state, client store and optimizer store (if kept) before round 1."""
+    """Server state, client store and optimizer store (if kept) before round 1: in memory when they
+    fit under `store.memory_cap_mb` in float32, else paged (fedhpc/store.py)."""
     clients = r.world.clients
     server = r.strategy.init_server(r.init, frozen=r.model.frozen_weights())
-    kept = {k: v.expand(len(clients), *v.shape[1:]).clone() for k, v in r.strategy.init_client(r.init).items()}
-    opt_store = None
+    kept = {k: v[:1] for k, v in r.strategy.init_client(r.init).items()}
+    opt_init = None
     if r.cfg.strategy.keep_optimizer_state:
-        params = {k: r.init[k].expand(len(clients), *r.init[k].shape[1:]) for k in r.model.shapes}
-        opt_store = ClientStore(clients, StackedOptimizer(r.cfg.train.optimizer).init_state(params))
-    return _State(server, ClientStore(clients, kept), opt_store)
+        params = {k: r.init[k][:1] for k in r.model.shapes}
+        opt_init = StackedOptimizer(r.cfg.train.optimizer).init_state(params)
+    cfg = r.cfg.store
+    cap = int(cfg.memory_cap_mb * MB) if cfg.memory_cap_mb > 0 else default_cap_bytes(local_rank(r.world.comm)[1])
+    row = lambda init: sum(v[0].numel() * v.element_size() for v in (init or {}).values())
+    share = row(kept) / max(row(kept) + row(opt_init), 1)  # the cap is split by row bytes
+    folder = Path(r.cfg.out_dir) / r.cfg.name / "store"
+    make = lambda init, part, what: make_store(clients, init, path=folder / f"{what}-rank{r.world.rank:05d}.bin",
+                                              cap_bytes=int(cap * part), dtype=cfg.dtype, device=r.world.device)
+    opt_store = make(opt_init, 1 - share, "optimizer") if opt_init is not None else None
+    return _State(server, make(kept, share, "clients"), opt_store)
+
+
+def _rows(store):
+    """What a checkpoint reads from a store: a plain store's tensors, a paged store itself."""
+    return store.tensors if isinstance(store, ClientStore) else store
 
 
 def _resumed_state(r: Run, path) -> _State:
     s = _fresh_state(r)
-    saved = load_checkpoint(path, clients=r.world.clients, device=r.world.device)
-    _restore(s.store, saved.clients, "client")
-    if s.opt_store is not None:
-        _restore(s.opt_store, saved.optimizer, "optimizer")
+    paged = not isinstance(s.store, ClientStore)
+    saved = load_checkpoint(path, clients=r.world.clients, device=r.world.device, client_rows=not paged)
+    if paged:  # rows stream from the file into the paged stores, a bounded chunk at a time
+        restore_rows(path, "clients", s.store, clients=r.world.clients)
+        if s.opt_store is not None:
+            restore_rows(path, "optimizer", s.opt_store, clients=r.world.clients)
+    else:
+        _restore(s.store, saved.clients, "client")
+        if s.opt_store is not None:
+            _restore(s.opt_store, saved.optimizer, "optimizer")
     return _State(saved.server, s.store, s.opt_store, saved.totals, saved.metrics, saved.wall_seconds, saved.round + 1)
 
 

@@ -10,11 +10,11 @@ Three concerns, one module each, so that each reads (and changes) on its own:
 Callers import from here, not from the modules.
 """
 from .format import (FORMAT, FORMAT_VERSION, CheckpointError, Restored, Snapshot, checkpoint_dir, describe, load,
-                     read_config, saved_round, verify)
+                     read_config, restore_rows, saved_round, verify)
 from .format import _to_numpy  # noqa: F401  (bench/checkpoint.py builds Snapshots with it)
 from .resume import MAY_CHANGE_ON_RESUME, find_resumable, resume_config
 from .writer import CheckpointConfig, Checkpointer, write_checkpoint
 
 __all__ = ["CheckpointConfig", "Checkpointer", "Restored", "Snapshot", "write_checkpoint", "verify", "describe",
            "find_resumable", "read_config", "resume_config", "saved_round", "load", "checkpoint_dir",
-           "CheckpointError", "FORMAT", "FORMAT_VERSION", "MAY_CHANGE_ON_RESUME"]
+           "CheckpointError", "FORMAT", "FORMAT_VERSION", "MAY_CHANGE_ON_RESUME", "restore_rows"]

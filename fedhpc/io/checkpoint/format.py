@@ -31,7 +31,7 @@ import torch
 import yaml
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "checkpoint_dir", "Snapshot", "lay_out", "verify",
-           "describe", "read_config", "saved_round", "Restored", "load"]
+           "describe", "read_config", "saved_round", "Restored", "load", "restore_rows"]
 
 FORMAT = "fedhpc-checkpoint"
 FORMAT_VERSION = 1
@@ -208,11 +208,12 @@ class Restored:
     wall_seconds: float
 
 
-def load(path: str | Path, *, clients: np.ndarray, device) -> Restored:
-    """Read the server state and the rows of `clients` (a contiguous block) from `path`."""
+def load(path: str | Path, *, clients: np.ndarray, device, client_rows: bool = True) -> Restored:
+    """Read the server state and the rows of `clients` (a contiguous block) from `path`
+    (`client_rows=False`: no rows, `clients` / `optimizer` empty; see `restore_rows`)."""
     import h5py
 
-    rows = slice(int(clients[0]), int(clients[-1]) + 1)
+    rows = slice(int(clients[0]), int(clients[-1]) + 1) if client_rows else slice(0, 0)
 
     def read(group, select):
         return {key: _from_numpy(ds[select], ds.attrs["torch_dtype"]).to(device) for key, ds in group.items()}
@@ -225,3 +226,23 @@ def load(path: str | Path, *, clients: np.ndarray, device) -> Restored:
             totals={k: int(a[k]) for k in ("bytes_up", "bytes_down", "mpi_bytes")},
             metrics=[json.loads(line) for line in _read_text(f["metrics"]).splitlines() if line],
             wall_seconds=float(a["wall_seconds"]))
+
+
+def restore_rows(path: str | Path, group: str, store, *, clients: np.ndarray, chunk_bytes: int = 64 << 20) -> None:
+    """Copy the rows of `clients` (a contiguous block) of `group` into a paged store, at most
+    `chunk_bytes` of rows at a time (`store.write_rows(lo, tensors)`, `store.spec`); refuses a
+    checkpoint whose keys or row shapes differ from the store's."""
+    import h5py
+
+    first, count = int(clients[0]), len(clients)
+    with h5py.File(path, "r") as f:
+        if group not in f or set(f[group]) != set(store.spec) or any(
+                tuple(f[group][k].shape[1:]) != store.spec[k][0] for k in store.spec):
+            raise CheckpointError(f"checkpoint {group} tensors do not match this run's strategy and model "
+                                  f"(saved: {sorted(f[group]) if group in f else []}, needed: {sorted(store.spec)})")
+        g = f[group]
+        row = sum(int(np.prod(g[k].shape[1:])) * g[k].dtype.itemsize for k in g)
+        step = max(1, chunk_bytes // max(row, 1))
+        for lo in range(0, count, step):
+            hi = min(count, lo + step)
+            store.write_rows(lo, {k: _from_numpy(g[k][first + lo:first + hi], g[k].attrs["torch_dtype"]) for k in g})

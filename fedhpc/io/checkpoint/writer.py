@@ -39,12 +39,23 @@ class CheckpointConfig:
     """Checkpoints kept on disk; older ones are deleted once a newer one is complete."""
     background: bool = True
     """Write on a background thread (the round loop waits only for the gather to rank 0)."""
+    gather_limit_mb: float = 1024.0
+    """Client rows (all ranks, clients + optimizer) up to this many MiB are gathered to rank 0 and
+    written in the background; above it, or from a paged store (`store.memory_cap_mb`), they stream
+    to rank 0 in chunks (stream.py: the same file, no rank holding more than a chunk of other ranks'
+    rows; the loop waits for the write). 0: always stream."""
+    chunk_mb: float = 64.0
+    """Rows per message of a streamed checkpoint, in MiB."""
 
     def __post_init__(self):
         if self.every < 0:
             raise ValueError(f"every must be >= 0, got {self.every}")
         if self.keep < 1:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.gather_limit_mb < 0:
+            raise ValueError(f"gather_limit_mb must be >= 0 (0: always stream), got {self.gather_limit_mb}")
+        if self.chunk_mb <= 0:
+            raise ValueError(f"chunk_mb must be > 0, got {self.chunk_mb}")
 
 
 def write_checkpoint(path: Path, snap: Snapshot) -> None:
@@ -129,8 +140,12 @@ class Checkpointer:
 
     def save(self, round_index: int, *, server: dict, clients: dict, optimizer: dict | None, totals: dict,
              metrics: list[dict], wall_seconds: float, wait: bool = False) -> Path:
-        """Collective: snapshot this round and write it (in the background unless `wait`)."""
+        """Collective: snapshot this round and write it (in the background unless `wait`).
+        `clients` / `optimizer`: stacked tensors, or RowSources (a paged store), which stream."""
         t0 = time.perf_counter()
+        if self._streams(clients, optimizer):
+            return self._save_streamed(round_index, server=server, clients=clients, optimizer=optimizer,
+                                       totals=totals, metrics=metrics, wall_seconds=wall_seconds, t0=t0)
         tensors = {"clients": {}, "optimizer": {}}
         hosted = next(iter({**clients, **(optimizer or {})}.values()), torch.zeros(0)).shape[0]
         rows_per_rank = self.comm.gather(hosted, root=0)
@@ -153,6 +168,42 @@ class Checkpointer:
             self.thread.start()
             if wait or not self.cfg.background:
                 self.wait()
+        self.blocked_seconds.append(time.perf_counter() - t0)
+        return path
+
+    def _streams(self, clients, optimizer) -> bool:
+        """Whether this checkpoint streams (the same answer on every rank)."""
+        groups = [g for g in (clients, optimizer) if g is not None]
+        paged = any(not isinstance(g, dict) for g in groups)
+        local = sum(v.numel() * v.element_size() for g in groups if isinstance(g, dict) for v in g.values())
+        total = sum(self.comm.allgather(local)) if self.comm.Get_size() > 1 else local
+        return bool(self.comm.allreduce(int(paged))) or total > self.cfg.gather_limit_mb * (1 << 20)
+
+    def _save_streamed(self, round_index: int, *, server, clients, optimizer, totals, metrics, wall_seconds,
+                       t0: float) -> Path:
+        from ...store import TensorRows
+        from .stream import write_streamed
+
+        self.wait()  # a gathered write still in flight finishes first
+        path = self.folder / _file_name(round_index)
+        sources = {"clients": clients if not isinstance(clients, dict) else TensorRows(clients)}
+        if optimizer is not None:
+            sources["optimizer"] = optimizer if not isinstance(optimizer, dict) else TensorRows(optimizer)
+        snap = None
+        if self.is_writer:
+            attrs = {"rounds": self.rounds, "num_clients": self.num_clients, "strategy": self.strategy,
+                     "wall_seconds": wall_seconds, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                     **{k: int(v) for k, v in totals.items()}}
+            snap = Snapshot(round_index, attrs, self.config, "".join(json_line(m) for m in metrics),
+                            {"server": {key: _to_numpy(v.clone()) for key, v in sorted(server.items())}})
+        try:
+            write_streamed(path, snap, sources, comm=self.comm, chunk_bytes=int(self.cfg.chunk_mb * (1 << 20)))
+            if self.is_writer:
+                for old in sorted(self.folder.glob("round-*.h5"))[:-self.cfg.keep]:
+                    old.unlink()
+        except OSError as err:  # disk full, ...: the previous checkpoints are still there
+            print(f"fedhpc: warning: checkpoint write failed ({type(err).__name__}: {err}); "
+                  f"the previous checkpoint is kept", flush=True)
         self.blocked_seconds.append(time.perf_counter() - t0)
         return path
 
