@@ -159,6 +159,6 @@ def test_a_client_that_did_not_train_a_block_counts_in_nothing_even_nan():
     reduction = Reduction(exchange, np.ones(3))
     reduction.add(np.arange(3), {"x": torch.tensor([[1.0, 2.0], [float("nan"), float("inf")], [4.0, 8.0]])})
     means = reduction.finish(comm=MPI.COMM_SELF)[0]["b"]
-    assert means.values["x"].tolist() == [[(2 * 1 + 3 * 4) / 5, (2 * 2 + 3 * 8) / 5]]
+    assert means.values["x"].tolist() == torch.tensor([[(2 * 1 + 3 * 4) / 5, (2 * 2 + 3 * 8) / 5]]).tolist()
     assert means.weights.tolist() == [5.0]
     assert modelled_bytes(exchange, np.arange(3), RANKS, np.ones(3))[0] == 10 + 30
