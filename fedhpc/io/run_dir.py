@@ -1,5 +1,8 @@
 """The run directory: resolved config, one metrics line per round, a final summary, and each
 client's latest personalized accuracy (`client_accuracy.json`, for distribution plots).
+`metrics.csv` holds the rounds of `metrics.jsonl` as a table (one column per metric, in order of
+first appearance; empty where a round did not compute it, e.g. between evaluations), for
+spreadsheets and pandas; it is rewritten whole after each round.
 
 Only the root rank writes. Each file is replaced atomically (written aside, then renamed), so a
 run killed mid-write never leaves a torn `summary.json` or `config.yaml`; `metrics.jsonl` is
@@ -7,6 +10,8 @@ appended line by line and flushed every round.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["RunDir", "json_line"]
+__all__ = ["RunDir", "json_line", "csv_table"]
 
 
 def _clean(value):
@@ -33,6 +38,18 @@ def json_line(record: dict) -> str:
     return json.dumps(_clean(record)) + "\n"
 
 
+def csv_table(history: list[dict]) -> str:
+    """The rounds as CSV: a header of every metric seen (first-appearance order), then one row per round."""
+    columns = list(dict.fromkeys(k for m in history for k in m))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for m in history:
+        row = [_clean(m.get(k)) for k in columns]
+        writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v for v in row])
+    return buf.getvalue()
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -47,9 +64,11 @@ class RunDir:
         """`history`: the rounds a resumed run already has; later lines of an interrupted run go."""
         self.path = Path(root)
         self.active = active
+        self.rows = list(history)
         if active:
             self.path.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.path / "metrics.jsonl", "".join(json_line(m) for m in history))
+            _write_atomic(self.path / "metrics.csv", csv_table(self.rows))
             (self.path / "summary.json").unlink(missing_ok=True)  # written again when this run ends
 
     def write_config(self, config: dict) -> None:
@@ -60,6 +79,8 @@ class RunDir:
         if self.active:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json_line(metrics))
+            self.rows.append(metrics)
+            _write_atomic(self.path / "metrics.csv", csv_table(self.rows))
 
     def write_client_accuracy(self, round_index: int, clients, accuracy) -> None:
         """Per-client personalized accuracy of the latest evaluated round (replaced each time)."""
