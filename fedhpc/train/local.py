@@ -105,13 +105,16 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
                 trainable: list[str], x: torch.Tensor, y: torch.Tensor, client_ids: np.ndarray,
                 client_indices: list[np.ndarray], seed: int, round_index: int, cfg: TrainConfig,
                 hooks: LocalHooks, scaling: torch.Tensor | None = None, ranks: torch.Tensor | None = None,
-                dropout: bool = False, optimizer: Optimizer | None = None) -> torch.Tensor:
+                dropout: bool = False, optimizer: Optimizer | None = None,
+                limit: np.ndarray | None = None) -> torch.Tensor:
     """Train these clients' adapters `[C, ...]` in place; returns each client's mean loss `[C]`.
 
     `opt_state` is the state of `optimizer` (default: the config's `StackedOptimizer`) for the
     same clients.
     `scaling` `[C]` is each client's LoRA scaling; `ranks` `[C]` its true rank: gradients beyond
     it are zeroed (after the hooks), so padded rows of A and columns of B never move.
+    `limit` `[C]`: client c takes only the first `limit[c]` of its steps (a late client's partial
+    work, `runtime/faults.py`); None: every step.
     """
     count = len(client_ids)
     device = adapters["head.weight"].device
@@ -120,6 +123,8 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
     optimizer = optimizer or StackedOptimizer(cfg.optimizer)
     plans = [client_batches(ix, seed=seed, client=int(c), round_index=round_index, cfg=cfg)
              for c, ix in zip(client_ids, client_indices)]
+    if limit is not None:
+        plans = [p[:int(n)] for p, n in zip(plans, limit)]
     steps = max(len(p) for p in plans)
     loss_sum = torch.zeros(count, dtype=torch.float64, device=device)
     start = {k: v.detach().clone() for k, v in adapters.items()}
