@@ -17,7 +17,7 @@ from .train.local import local_train
 from .train.optim import StackedOptimizer
 from .train.plan import ClientPlan, Task
 
-__all__ = ["ClientStore", "train_pass", "runnable", "OPTIMIZER"]
+__all__ = ["ClientStore", "train_pass", "partial_work", "runnable", "OPTIMIZER"]
 
 OPTIMIZER = "optimizer."  # prefix of the optimizer state in what `finish_client` receives
 
@@ -48,10 +48,10 @@ def runnable(ids: np.ndarray) -> np.ndarray:
     return ids if len(ids) > 1 else np.repeat(ids, 2)
 
 
-def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round_index: int = 0) -> tuple[
-        torch.Tensor, dict[str, torch.Tensor]]:
+def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round_index: int = 0,
+               limit: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train `plan.start` of clients `ids` in place; returns their mean losses `[C]` and the
-    optimizer state after training."""
+    optimizer state after training. `limit` `[C]`: at most this many steps per client (`partial_work`)."""
     cfg, data = run.cfg, run.data
     train_cfg = cfg.train
     if task == Task.FINETUNE:
@@ -73,5 +73,19 @@ def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round
                          client_indices=[data.client_train[c] for c in ids], seed=cfg.seed,
                          round_index=round_index, cfg=train_cfg, hooks=plan.hooks, optimizer=optimizer,
                          dropout=task == Task.TRAIN and cfg.lora.lora_dropout > 0,
-                         scaling=run.scaling(ids), ranks=run.ranks.of(ids))
+                         scaling=run.scaling(ids), ranks=run.ranks.of(ids), limit=limit)
     return losses, opt_state
+
+
+def partial_work(run: Run, ids: np.ndarray, work: np.ndarray, *, round_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Late clients' share of a round's training (`runtime/faults.py`): `[C]` steps each client
+    takes (`steps_done` of its round's steps for a fraction `work`) and the fraction of its steps
+    that is (its upload's weight factor under the `partial` policy)."""
+    from .runtime.faults import steps_done
+    from .train.local import client_batches
+
+    data = run.data
+    total = np.array([len(client_batches(data.client_train[c], seed=run.cfg.seed, client=int(c),
+                                         round_index=round_index, cfg=run.cfg.train)) for c in ids])
+    done = np.array([steps_done(int(n), float(w)) for n, w in zip(total, work)], dtype=np.int64)
+    return done, done / np.maximum(total, 1)
