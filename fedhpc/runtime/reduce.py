@@ -47,10 +47,14 @@ class Reduction:
         self.rows: list[torch.Tensor] = []  # gathered rows, float32 [C, width of all gathered blocks]
         self.meta: list[torch.Tensor] = []  # (client id, weight in each gathered block), float64
 
-    def add(self, clients: np.ndarray, upload: dict[str, torch.Tensor]) -> None:
-        """These clients' uploads `[C, ...]` (every key the exchange's blocks carry)."""
+    def add(self, clients: np.ndarray, upload: dict[str, torch.Tensor], scale: np.ndarray | None = None) -> None:
+        """These clients' uploads `[C, ...]` (every key the exchange's blocks carry); `scale` `[C]`
+        multiplies their weight in every block (a late client's share of its work, runtime/faults.py)."""
+        scale = None if scale is None else torch.as_tensor(np.asarray(scale, dtype=np.float64))
         for name, block in self.exchange.means().items():
             w = block.weight_of(clients, self.num_examples)
+            if scale is not None:
+                w = w * scale
             rows = torch.cat([_flat(upload[k], torch.float64) for k in block.keys]
                              + [torch.ones(len(w), 1, dtype=torch.float64)], dim=1)
             rows[w == 0] = 0.0  # a client that did not train the block counts in nothing, NaN included
@@ -59,7 +63,8 @@ class Reduction:
             self.rows.append(torch.cat([_flat(upload[k], torch.float32)
                                         for b in self.gathers.values() for k in b.keys], dim=1))
             ids = torch.as_tensor(np.asarray(clients, dtype=np.float64).copy())
-            weights = [b.weight_of(clients, self.num_examples) for b in self.gathers.values()]
+            weights = [b.weight_of(clients, self.num_examples) * (1.0 if scale is None else scale)
+                       for b in self.gathers.values()]
             self.meta.append(torch.stack([ids, *weights], dim=1))
 
     def finish(self, *, comm) -> tuple[Reduced, int]:
