@@ -18,6 +18,7 @@ from .configtree import ConfigError, apply_overrides, build, to_dict
 from .data.config import DataConfig
 from .io.checkpoint import CheckpointConfig
 from .models.config import LoraConfig, ModelConfig
+from .runtime.faults import FaultsConfig
 from .store import StoreConfig
 from .strategies.base import StrategyConfig
 from .train.local import TrainConfig
@@ -89,6 +90,8 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    """Client faults injected on purpose: dropout, stragglers, diverging clients (runtime/faults.py)."""
 
     def __post_init__(self):
         if self.rounds < 1:

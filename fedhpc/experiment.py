@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .assemble import Run, assemble
-from .clients import OPTIMIZER, ClientStore, runnable, train_pass
+from .clients import OPTIMIZER, ClientStore, partial_work, runnable, train_pass
 from .config import ExperimentConfig, SamplingConfig, to_dict
 from .evaluate import evaluate_round, unseen_accuracy
 from .io.checkpoint import CheckpointError, Checkpointer
@@ -27,6 +27,7 @@ from .rng import Purpose, keyed_rng
 from .runtime.world import local_rank
 from .store import MB, default_cap_bytes, make_store
 from .runtime.exchange import modelled_bytes
+from .runtime.faults import RoundFaults, agree_diverged, check_server, draw_faults, nonfinite_clients
 from .runtime.preempt import Preempted, PreemptionGuard
 from .runtime.reduce import Reduction, allreduce_sum
 from .strategies import RoundPlan
@@ -108,18 +109,31 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     sampled = sample_clients(r.data.seen, r.cfg.sampling, seed=r.cfg.seed, round_index=round_index)
     s.server = _score_proxy(r, s.server, round_index)
     plan = r.strategy.configure_train(s.server, sampled, r.data.seen)
-    reduction, loss_stats = _train_round(r, s, plan, round_index)
+    faults = draw_faults(r.cfg.faults, plan.participants, seed=r.cfg.seed, round_index=round_index)
+    reduction, loss_stats, diverged = _train_round(r, s, plan, round_index, faults)
     reduced, sent = reduction.finish(comm=r.world.comm)  # the only collectives on the training path
-    loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent)])]), comm=r.world.comm)
-    train_loss = float(loss_total[0] / loss_total[1])
-    if not math.isfinite(train_loss):
+    loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent), float(len(diverged))])]),
+                               comm=r.world.comm)
+    diverged = agree_diverged(diverged, int(loss_total[3]), cfg=r.cfg.faults, round_index=round_index,
+                              comm=r.world.comm)  # under faults.diverged=stop: one line, every rank
+    train_loss = float(loss_total[0] / loss_total[1]) if loss_total[1] > 0 else math.nan  # nan: nobody returned
+    if loss_total[1] > 0 and not math.isfinite(train_loss):
         raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
-    s.server = r.strategy.aggregate_train(s.server, reduced, round_index=round_index)
-    up, down = modelled_bytes(plan.exchange, plan.participants, r.ranks.ranks, r.data.num_examples)
+    if len(faults.returned) > len(diverged):  # a round nobody returned from leaves the server state as it was
+        before, s.server = s.server, r.strategy.aggregate_train(s.server, reduced, round_index=round_index)
+        check_server(before, s.server, round_index=round_index, strategy=r.cfg.strategy.name)
+    up, _ = modelled_bytes(plan.exchange, faults.returned, r.ranks.ranks, r.data.num_examples)  # dropped: no upload
+    _, down = modelled_bytes(plan.exchange, plan.participants, r.ranks.ranks, r.data.num_examples)
     s.totals.update(bytes_up=s.totals["bytes_up"] + up, bytes_down=s.totals["bytes_down"] + down,
                     mpi_bytes=s.totals["mpi_bytes"] + int(loss_total[2]))
     metrics = {"round": round_index, "train_loss": train_loss, "participants": len(plan.participants), **s.totals,
                **r.strategy.metrics(s.server)}
+    if r.cfg.faults.logged:
+        metrics.update(returned=len(faults.returned), dropped=len(faults.dropped), late=len(faults.late),
+                       diverged=len(diverged))
+    if len(diverged) and r.world.is_root:
+        print(f"fedhpc: warning: round {round_index}: client(s) {', '.join(map(str, diverged))} diverged (loss or "
+              f"update NaN / inf); left out of the aggregate, their state kept from before the round", flush=True)
     if round_index % r.cfg.eval.every == 0 or round_index == r.cfg.rounds:
         evaluated, chosen, per_client = evaluate_round(r, s.server, s.store, round_index=round_index)
         metrics.update(evaluated)
@@ -150,29 +164,48 @@ def _score_proxy(r: Run, server: dict, round_index: int) -> dict:
     return r.strategy.aggregate_score(server, scores, round_index=round_index)
 
 
-def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int) -> tuple[Reduction, torch.Tensor]:
-    """Local training of this rank's participants, pass by pass, each pass's upload reduced as it ends."""
-    mine = plan.participants[np.isin(plan.participants, r.world.clients)]
+def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int,
+                 faults: RoundFaults) -> tuple[Reduction, torch.Tensor, list[int]]:
+    """Local training of this rank's participants that return (`faults`), pass by pass, each pass's
+    upload reduced as it ends; also the ids of this rank's clients that diverged (not reduced)."""
+    mine = faults.returned[np.isin(faults.returned, r.world.clients)]
     reduction = Reduction(plan.exchange, r.data.num_examples)
     loss_stats = torch.zeros(2, dtype=torch.float64)
+    diverged = []
     for ids in split_passes(mine, r.per_pass):
         run_ids, real = runnable(ids), slice(0, len(ids))
         state = s.store.get(run_ids)
         client_plan = r.strategy.configure_client(s.server, state, run_ids, Task.TRAIN)
         if s.opt_store is not None and client_plan.opt_state is None:
             client_plan.opt_state = s.opt_store.get(run_ids)
-        losses, opt_state = train_pass(r, client_plan, run_ids, task=Task.TRAIN, round_index=round_index)
+        work, scale = faults.work_of(run_ids), None
+        if work is not None:  # late clients under faults.policy=partial: their first steps only
+            work, scale = partial_work(r, run_ids, work, round_index=round_index)
+            scale = scale[real]
+        losses, opt_state = train_pass(r, client_plan, run_ids, task=Task.TRAIN, round_index=round_index,
+                                       limit=work)
         trained = {**client_plan.start, **client_plan.hooks.results(),
                    **{OPTIMIZER + k: v for k, v in opt_state.items()}}
         new_state, upload = r.strategy.finish_client(s.server, {k: v[real] for k, v in trained.items()},
                                                      {k: v[real] for k, v in state.items()}, ids)
+        opt_rows, losses = {k: v[real] for k, v in opt_state.items()}, losses[real]
+        bad = nonfinite_clients(losses, new_state, upload)
+        if bad.any():  # named after the reduction; kept out of it, their state as before the round
+            diverged += ids[bad].tolist()
+            keep = torch.as_tensor(~bad)
+            ids, scale = ids[~bad], None if scale is None else scale[~bad]
+            new_state, upload, opt_rows = ({k: v[keep.to(v.device)] for k, v in part.items()}
+                                           for part in (new_state, upload, opt_rows))
+            losses = losses[keep.to(losses.device)]
+            if len(ids) == 0:
+                continue
         s.store.put(ids, new_state)
         if s.opt_store is not None:
-            s.opt_store.put(ids, {k: v[real] for k, v in opt_state.items()})
-        reduction.add(ids, upload)
+            s.opt_store.put(ids, opt_rows)
+        reduction.add(ids, upload, scale)
         weights = torch.as_tensor(r.data.num_examples[ids], dtype=torch.float64)
-        loss_stats += torch.stack([(losses[real].cpu() * weights).sum(), weights.sum()])
-    return reduction, loss_stats
+        loss_stats += torch.stack([(losses.cpu() * weights).sum(), weights.sum()])
+    return reduction, loss_stats, diverged
 
 
 def _summary(r: Run, s: _State, metrics: dict, *, wall: float) -> dict:
