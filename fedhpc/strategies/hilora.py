@@ -22,6 +22,16 @@ The head follows the active tier: averaged over everyone, then inside the cluste
 A new client trains a short probe in the cluster slot on top of the root, is routed to the cluster
 whose basis is closest, is evaluated zero-leaf, then fine-tunes a leaf.
 
+A seen client that did not return from the clustering round (`faults.dropout`) has no cluster: it
+is routed by its own EMA statistic to the closest cluster centre (the member mean of the
+statistic, kept by the server from the clustering round), by the clustering's similarity (one
+that never returned in the root stage has a zero statistic and gets the largest cluster). Its
+first return in the cluster stage is its join round: it trains in that cluster, uploads its
+statistic (gathered), and the server routes it the same way and counts it from the next round
+on (its update of the join round is not averaged: its cluster was unknown when the round was
+planned). Until then, and in the leaf stage, it is routed the same way wherever its cluster is
+needed (at evaluation, a zero statistic is routed like a new client, by its cluster slot).
+
 How a tier's ΔW reaches every rank (`*_aggregation`): `product_dense` reduces the dense
 B_i A_i per group (bytes: groups x d_out d_in, independent of the clients); `product_gather`
 gathers every participant's factors and runs `lowrank_aggregate` (bytes grow with the
@@ -38,11 +48,13 @@ import torch
 from ..runtime.exchange import Rows
 from .base import (Block, ClientPlan, Exchange, RoundPlan, Strategy, StrategyConfig, Task, is_head, is_lora_a,
                    kept_init, register_strategy)
+from ..kernels import lowrank_aggregate
 from .hilora_tiers import (CLUSTER, LEAF, ROOT, STAGES, Aggregation, TierHooks, aggregate_tier, relative_change,
                            tier_slice, tier_tensors)
 from .subspace_clustering import Similarity, Source, Statistic, client_statistic, cluster_clients, route
 
 TIER, GATHERED = "tier", "gathered"  # block names: the active tier and head per group; rows gathered whole
+JOIN = "join"  # block name: the statistics of clients without a cluster, gathered in their join round
 
 
 @dataclass(kw_only=True)
@@ -175,15 +187,39 @@ class HiLoRA(Strategy):
         return self._stage(server) == ROOT and (
             bool(server["root_final"][0]) or int(server["stage_round"][0]) + 1 >= self.cfg.root_rounds)
 
-    def _rows(self, server, clients: np.ndarray) -> torch.Tensor:
-        """Each client's cluster (its row of the cluster tier and head); all 0 before clustering."""
+    def _rows(self, server, clients: np.ndarray, state=None) -> torch.Tensor:
+        """Each client's cluster (its row of the cluster tier and head); all 0 before clustering. A
+        client without one (it missed the clustering round) is routed by its statistic in `state`."""
         if self._stage(server) == ROOT:
             return torch.zeros(len(clients), dtype=torch.int64, device=server["clusters"].device)
         rows = server["clusters"][torch.tensor(np.array(clients, dtype=np.int64), device=server["clusters"].device)]
         if bool((rows < 0).any()):
-            raise ValueError(f"clients {clients[(rows < 0).cpu().numpy()].tolist()} have no cluster "
-                             "(they missed the clustering round)")
+            if state is None:
+                raise ValueError(f"clients {clients[(rows < 0).cpu().numpy()].tolist()} have no cluster "
+                                 "(they missed the clustering round)")
+            rows = torch.where(rows < 0, self._route_statistic(server, state).to(rows.device), rows)
         return rows
+
+    def _route_statistic(self, server, tensors) -> torch.Tensor:
+        """`[C]` the cluster whose centre (member mean of the clustering statistic) is closest to each
+        client's own statistic in `tensors` (client state, or gathered rows), by the clustering's
+        similarity; a zero statistic (no root round returned) gets the largest cluster."""
+        stats = [Statistic(tensors[f"{m}.ema_B"].cpu(), tensors[f"{m}.ema_A"].cpu() if f"{m}.ema_A" in tensors
+                           else None) for m in self.modules]
+        centres = [Statistic(server[f"{m}.centre_B"].cpu(), server[f"{m}.centre_A"].cpu() if f"{m}.centre_A" in server
+                             else None) for m in self.modules]
+        clusters = server["clusters"].cpu()
+        largest = int(torch.bincount(clusters[clusters >= 0], minlength=self._num_clusters(server)).argmax())
+        out = torch.full((len(stats[0].B),), largest, dtype=torch.int64)
+        has = self._has_statistic(tensors).cpu()
+        if bool(has.any()):
+            pick = lambda stat: Statistic(stat.B[has], None if stat.A is None else stat.A[has])
+            out[has] = route([pick(stat) for stat in stats], centres, self.cfg.similarity)
+        return out
+
+    def _has_statistic(self, state) -> torch.Tensor:
+        """`[C]` bool: clients whose EMA statistic is not zero (they trained at least one root round)."""
+        return torch.stack([state[f"{m}.ema_B"].flatten(1).abs().sum(1) > 0 for m in self.modules]).any(0)
 
     # --- DOWN ------------------------------------------------------------------------------
     def _assemble(self, server, kept, rows: torch.Tensor | None, head_rows: torch.Tensor,
@@ -234,10 +270,25 @@ class HiLoRA(Strategy):
                 gathered.update({f"{m}.ema_A": (q, A[m][1]) for m in self.modules})
             up += sum(int(np.prod(shape)) for key, shape in gathered.items() if ".ema_" in key) * 4
         groups = None if stage == ROOT else server["clusters"].cpu().numpy()
+        weights, joining = None, np.zeros(0, dtype=np.int64)
+        if stage == CLUSTER:  # clients without a cluster join: their statistic goes up, their update counts in nothing
+            joining = participants[groups[participants] < 0]
+        if len(joining):
+            weights = np.asarray(self.population.num_examples, dtype=np.float64).copy()
+            weights[joining] = 0.0
+            groups = np.maximum(groups, 0)
         blocks = {TIER: Block(means, groups=groups, num_groups=1 if stage == ROOT else self._num_clusters(server),
-                              bytes_up=every(up))}
+                              weights=weights, bytes_up=every(up))}
         if gathered:
-            blocks[GATHERED] = Block(gathered, reduce="gather", bytes_up=every(0))
+            blocks[GATHERED] = Block(gathered, reduce="gather", weights=weights, bytes_up=every(0))
+        if len(joining):
+            q = 2 * r if self.cfg.basis_source == "update_product" else r
+            stats = {f"{m}.ema_B": (B[m][0], q) for m in self.modules}
+            if q != r:
+                stats.update({f"{m}.ema_A": (q, A[m][1]) for m in self.modules})
+            joins = np.isin(np.arange(self.population.size), joining)
+            blocks[JOIN] = Block(stats, reduce="gather", weights=joins.astype(np.float64),
+                                 bytes_up=np.where(joins, sum(int(np.prod(s)) for s in stats.values()) * 4, 0))
         down = tier + head + (tier if stage == CLUSTER and stage_round == 0 else 0)  # + the final root, once
         return RoundPlan(participants, Exchange(blocks, bytes_down=every(down)))
 
@@ -252,8 +303,8 @@ class HiLoRA(Strategy):
         (`configure_evaluate`), and fine-tunes a leaf."""
         stage = self._stage(server)
         if task == Task.TRAIN:
-            return ClientPlan(self._receive(server, state, clients, self._rows(server, clients)), list(self.keys),
-                              self._hooks(server, stage))
+            return ClientPlan(self._receive(server, state, clients, self._rows(server, clients, state)),
+                              list(self.keys), self._hooks(server, stage))
         if stage == ROOT:
             return None if task == Task.PROBE else ClientPlan(
                 self.configure_evaluate(server, state, clients), list(self.keys), self._hooks(server, stage))
@@ -278,6 +329,8 @@ class HiLoRA(Strategy):
         if stage == LEAF:
             new["leaf_started"] = torch.ones_like(state["leaf_started"])
             return new, {}
+        if stage == CLUSTER:  # a client joining the clusters sends the statistic it was routed by
+            new.update({k: v for k, v in state.items() if ".ema_" in k})
         A = {m: trained[f"{m}.lora_A"][:, tier_slice(stage, r)] for m in self.modules}
         B = {m: trained[f"{m}.lora_B"][..., tier_slice(stage, r)] for m in self.modules}
         means, gathered = tier_tensors(self.modules, self._mode(stage), A, B)
@@ -305,6 +358,11 @@ class HiLoRA(Strategy):
             keep = present.view(-1, *([1] * (server[h].dim() - 1)))
             new[h] = torch.where(keep, means.values[h].to(server[h]), server[h])
         if stage == CLUSTER:
+            if JOIN in reduced.blocks and len(reduced[JOIN].clients):
+                joined = reduced[JOIN]
+                clusters = new["clusters"].clone()
+                clusters[joined.clients.to(clusters.device)] = self._route_statistic(server, joined.values).to(clusters)
+                new["clusters"] = clusters
             if int(new["stage_round"][0]) >= self.cfg.cluster_rounds:
                 new.update(stage=torch.full_like(server["stage"], LEAF), stage_round=torch.zeros_like(server["stage"]))
             return new
@@ -327,6 +385,7 @@ class HiLoRA(Strategy):
         clusters = torch.full_like(new["clusters"], -1)
         clusters[rows.clients.to(clusters.device)] = torch.as_tensor(found.labels).to(clusters)
         k = found.count
+        new.update(self._centres(rows.values, torch.as_tensor(found.labels), k, new["stage"].device))
         for m in self.modules:
             for key in (f"{m}.cluster_A", f"{m}.cluster_B"):
                 new[key] = new[key][:1].expand(k, *new[key].shape[1:]).clone()
@@ -336,6 +395,27 @@ class HiLoRA(Strategy):
         new.update(clusters=clusters, stage=torch.full_like(new["stage"], next_stage),
                    stage_round=torch.zeros_like(new["stage"]), root_final=torch.zeros_like(new["stage"]))
         return new
+
+    def _centres(self, values, labels: torch.Tensor, k: int, device) -> dict[str, torch.Tensor]:
+        """Each cluster's centre of the clustering statistic: the member mean of the EMA B, or of the
+        EMA product B A kept as a rank-q factor pair (truncated SVD, `lowrank_aggregate`)."""
+        out = {}
+        for m in self.modules:
+            B, A = values[f"{m}.ema_B"].double(), values.get(f"{m}.ema_A")
+            if A is None:
+                out[f"{m}.centre_B"] = torch.stack([B[labels == j].mean(0) for j in range(k)]).float().to(device)
+                continue
+            q, A = B.shape[-1], A.double()
+            parts = []
+            for j in range(k):
+                members = labels == j
+                n = int(members.sum())
+                U, S, Vh = lowrank_aggregate(B[members], A[members], torch.full((n,), 1.0 / n, dtype=torch.float64),
+                                             rank=q, method="exact")
+                parts.append((U * S[None, :], Vh))
+            out[f"{m}.centre_B"] = torch.stack([b for b, _ in parts]).float().to(device)
+            out[f"{m}.centre_A"] = torch.stack([a for _, a in parts]).float().to(device)
+        return out
 
     # --- EVALUATE --------------------------------------------------------------------------
     def global_model(self, server, init):
@@ -355,6 +435,9 @@ class HiLoRA(Strategy):
             return self._receive(server, state, clients, self._rows(server, clients))
         ids = torch.as_tensor(np.asarray(clients, dtype=np.int64), device=server["clusters"].device)
         rows = server["clusters"][ids]
+        missed = (rows < 0) & self._has_statistic(state).to(rows.device)  # seen, but missed the clustering round
+        if bool(missed.any()):
+            rows = torch.where(missed, self._route_statistic(server, state).to(rows.device), rows)
         new = rows < 0
         if bool(new.any()):
             r = self._rank(server)
