@@ -64,6 +64,9 @@ OPTIONS = {"hilora": ["strategy.root_rounds=1", "strategy.cluster_rounds=1", "st
 # FedGaLore's resume carries the averaged moments, the shared projector and each client's step count.
 OPTIONS.update({"fedgalore": ["strategy.sync=s1", "strategy.sync_first_moment=true", "strategy.bias_correction=global"],
                 "fedavg_full": []})
+# Fed-HeLLo resumes into a FIM round (round 2) on a 20-sample proxy set (TINY's seen clients hold 114 samples).
+OPTIONS.update({"fedhello": ["strategy.fim_samples=20", "strategy.fim_start=2", "strategy.fim_every=1",
+                             "strategy.keep_optimizer_state=true"]})
 
 
 @pytest.mark.parametrize("strategy", list_strategies())
