@@ -1,0 +1,174 @@
+"""Issue 21 at test size: the paged store, streamed checkpoints and sampled evaluation against the
+in-memory, gathered, all-clients runs they replace (which are the references)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY, mpiexec
+from fedhpc.config import load_config
+from fedhpc.evaluate import evaluated_clients
+from fedhpc.io.checkpoint import find_resumable, verify
+
+CONFIG = str(REPO / "configs/quickstart.yaml")
+FEDSA = ["strategy.name=fedsa_lora", "strategy.keep_optimizer_state=true", "rounds=3"]
+PAGED = ["store.memory_cap_mb=0.004", "checkpoint.chunk_mb=0.01"]  # pages every round, several chunks per rank
+STREAM = ["checkpoint.gather_limit_mb=0"]
+WALL_CLOCK = {"round_seconds", "clients_per_second", "wall_seconds", "ranks", "name", "mpi_bytes"}  # mpi_bytes: per rank
+
+
+def _run(n: int, out: Path, name: str, extra: list[str]) -> Path:
+    proc = mpiexec(n, ["run", CONFIG, *TINY, *FEDSA, f"out_dir={out}", f"name={name}", "--quiet", *extra], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / name
+
+
+def _summary(run_dir: Path) -> dict:
+    return {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k not in WALL_CLOCK}
+
+
+def _datasets(path: Path) -> dict:
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.__setitem__(name, (obj[()], dict(obj.attrs)))
+                     if isinstance(obj, h5py.Dataset) and name not in ("metrics", "config") else None)
+    return found
+
+
+def _assert_same_file(a: Path, b: Path):
+    da, db = _datasets(a), _datasets(b)
+    assert sorted(da) == sorted(db)
+    for name in da:
+        assert np.array_equal(da[name][0], db[name][0]), name
+        assert da[name][1] == db[name][1], name  # crc32 and torch dtype
+    assert all(ok for *_, ok in verify(b))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One rank, in-memory store, gathered checkpoints, every client evaluated."""
+    return _run(1, tmp_path_factory.mktemp("ref"), "ref", [])
+
+
+def test_two_ranks_paged_and_streamed_equal_one_rank_in_memory(reference, tmp_path):
+    paged = _run(2, tmp_path, "paged", PAGED)
+    for rank in (0, 1):  # the store really paged: rows went to the per-rank files
+        assert (paged / "store" / f"clients-rank{rank:05d}.bin").stat().st_size > 0
+        assert (paged / "store" / f"optimizer-rank{rank:05d}.bin").stat().st_size > 0
+    assert _summary(paged) == _summary(reference)
+    assert json.loads((paged / "client_accuracy.json").read_text()) == \
+        json.loads((reference / "client_accuracy.json").read_text())
+    _assert_same_file(reference / "checkpoints/round-000003.h5", paged / "checkpoints/round-000003.h5")
+
+
+def test_streamed_checkpoint_equals_the_gathered_one(reference, tmp_path):
+    streamed = _run(2, tmp_path, "streamed", STREAM + ["checkpoint.chunk_mb=0.01"])
+    _assert_same_file(reference / "checkpoints/round-000003.h5", streamed / "checkpoints/round-000003.h5")
+    inspect = subprocess.run([sys.executable, "-m", "fedhpc", "inspect", str(streamed / "checkpoints/round-000003.h5")],
+                             capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert inspect.returncode == 0 and "all checksums ok" in inspect.stdout, inspect.stdout + inspect.stderr
+
+
+@pytest.mark.slow  # ~35-60 s on 2 shared cores
+def test_paged_run_resumes_on_another_rank_count(reference, tmp_path):
+    first = _run(2, tmp_path, "resumed", PAGED + ["rounds=2"])
+    proc = mpiexec(1, ["run", "--resume", str(first), "rounds=3", "--quiet"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _summary(first) == _summary(reference)
+
+
+KILLER = r"""
+import os, signal, sys
+sys.path.insert(0, "tests")
+import fedhpc.io.checkpoint.stream as stream
+from conftest import TINY
+from mpi4py import MPI
+from fedhpc.config import load_config
+from fedhpc.experiment import run
+
+calls = []
+real = stream._write_chunk
+def dying(*args):
+    if stream_round[0] == 2:
+        calls.append(1)
+        if len(calls) > 3:  # in the middle of round 2's rows
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+stream._write_chunk = dying
+stream_round = [0]
+real_write = stream.write_streamed
+def tracked(path, *a, **k):
+    stream_round[0] = int(path.name[6:12])
+    return real_write(path, *a, **k)
+stream.write_streamed = tracked
+cfg = load_config(sys.argv[1], TINY + sys.argv[2:])
+run(cfg, comm=MPI.COMM_SELF, progress=False)
+"""
+
+
+@pytest.mark.slow  # ~35-60 s on 2 shared cores
+def test_sigkill_during_a_streamed_write_leaves_the_previous_checkpoint(reference, tmp_path):
+    args = [*FEDSA, *PAGED, f"out_dir={tmp_path}", "name=killed"]
+    proc = subprocess.run([sys.executable, "-c", KILLER, CONFIG, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert (ckpts / "round-000002.h5.tmp").exists() and not (ckpts / "round-000002.h5").exists()
+    from mpi4py import MPI
+
+    assert find_resumable(tmp_path / "killed", comm=MPI.COMM_SELF) == ckpts / "round-000001.h5"
+    resumed = mpiexec(2, ["run", "--resume", str(tmp_path / "killed"), "--quiet"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not any(p.suffix == ".tmp" for p in ckpts.iterdir())
+    assert _summary(tmp_path / "killed") == _summary(reference)
+
+
+def test_sampled_evaluation_measures_a_seeded_subset_of_the_same_accuracies(reference, tmp_path):
+    sampled = _run(1, tmp_path, "sampled", ["eval.fraction=0.5", "eval.final=sample"])
+    got = json.loads((sampled / "client_accuracy.json").read_text())
+    want = json.loads((reference / "client_accuracy.json").read_text())
+    seen = np.array(want["clients"])
+    cfg = load_config(CONFIG, TINY + ["eval.fraction=0.5", "eval.final=sample"])
+    chosen = evaluated_clients(seen, cfg.eval, seed=cfg.seed, round_index=3, final=True)
+    assert got["clients"] == chosen.tolist() and len(chosen) == round(0.5 * len(seen))
+    full = dict(zip(want["clients"], want["personalized_accuracy"]))
+    assert got["personalized_accuracy"] == [full[c] for c in got["clients"]]  # training is untouched
+    last = json.loads((sampled / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["evaluated_clients"] == len(chosen)
+    assert last["personalized_mean"] == pytest.approx(np.nanmean(got["personalized_accuracy"]), abs=1e-12)
+    assert _summary(sampled)["final_train_loss"] == _summary(reference)["final_train_loss"]
+    # the last round evaluates everyone unless asked otherwise; samples differ by round; count wins
+    assert len(evaluated_clients(seen, cfg.eval, seed=0, round_index=3, final=False)) == len(chosen)
+    cfg_all = load_config(CONFIG, TINY + ["eval.fraction=0.5"])
+    assert evaluated_clients(seen, cfg_all.eval, seed=0, round_index=3, final=True).tolist() == seen.tolist()
+    big = np.arange(1000)
+    draws = {tuple(evaluated_clients(big, cfg.eval, seed=0, round_index=r, final=False)) for r in range(1, 4)}
+    assert len(draws) == 3
+    counted = load_config(CONFIG, TINY + ["eval.count=7", "eval.fraction=0.5"])
+    assert len(evaluated_clients(big, counted.eval, seed=0, round_index=1, final=False)) == 7
+
+
+@pytest.mark.slow  # ~35-60 s on 2 shared cores
+def test_bfloat16_store_keeps_bfloat16_rows_and_resumes(tmp_path):
+    run_dir = _run(1, tmp_path, "bf16", ["store.dtype=bfloat16", "rounds=2"])
+    rows = _datasets(run_dir / "checkpoints/round-000002.h5")
+    dtypes = {name: attrs["torch_dtype"] for name, (_, attrs) in rows.items() if name.startswith("clients/")}
+    assert dtypes and set(dtypes.values()) == {"bfloat16"}
+    proc = mpiexec(2, ["run", "--resume", str(run_dir), "rounds=3", "--quiet"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+
+
+def test_bad_store_and_eval_values_name_the_key():
+    with pytest.raises(Exception, match="memory_cap_mb"):
+        load_config(CONFIG, ["store.memory_cap_mb=-1"])
+    with pytest.raises(Exception, match="fraction"):
+        load_config(CONFIG, ["eval.fraction=0"])
+    with pytest.raises(Exception, match="gather_limit_mb"):
+        load_config(CONFIG, ["checkpoint.gather_limit_mb=-2"])
