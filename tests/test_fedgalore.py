@@ -87,6 +87,9 @@ def _galore_trained(strategy, server, clients, g):
     trained = {k: torch.randn_like(v) if v.shape[0] == len(clients) else v for k, v in plan.start.items()}
     for k, v in plan.opt_state.items():
         trained[f"optimizer.{k}"] = v.clone() if k == "step" else torch.rand_like(v) + 0.1
+    for side in strategy.sides:  # the hooks' results: Adam's debiased moment estimates
+        for moment in ("m_hat", "v_hat"):
+            trained[f"{side.module}.{moment}"] = torch.rand_like(plan.opt_state[f"{side.module}.exp_avg"]) + 0.1
     return trained
 
 
@@ -131,8 +134,8 @@ def test_fedgalore_s1_averages_v_only_under_a_shared_projector():
     trained = _galore_trained(s, first, clients, g)
     second, _ = _reduce(s, first, clients, trained)
     p = torch.tensor(NUM_EXAMPLES[clients] / NUM_EXAMPLES[clients].sum())
-    for key, moment in (("v_sync", "exp_avg_sq"), ("m_sync", "exp_avg")):
-        want = sum(p[c] * trained[f"optimizer.tall.{moment}"][c].double() for c in range(2))
+    for key, moment in (("v_sync", "v_hat"), ("m_sync", "m_hat")):
+        want = sum(p[c] * trained[f"tall.{moment}"][c].double() for c in range(2))
         torch.testing.assert_close(second[f"tall.{key}"][0].double(), want, rtol=1e-5, atol=1e-6)
     plan = s.configure_client(second, {}, clients, Task.TRAIN)
     torch.testing.assert_close(plan.opt_state["wide.exp_avg_sq"], second["wide.v_sync"].expand(2, -1, -1))
@@ -147,7 +150,7 @@ def test_fedgalore_s2_profile_is_the_joint_part_of_the_root_moments():
     new, _ = _reduce(s, server, clients, trained)
     p = torch.tensor(NUM_EXAMPLES[clients] / NUM_EXAMPLES[clients].sum())
     for m, right in (("tall", True), ("wide", False)):
-        V = trained[f"optimizer.{m}.exp_avg_sq"].double()
+        V = trained[f"{m}.v_hat"].double()
         X = (V if right else V.transpose(1, 2)).sqrt()                  # rows: the shared coordinates
         joint = ajive(X, signal_rank=s.r)
         profile = sum(p[c] * (joint.basis @ joint.basis.T @ X[c]).square().mean(1) for c in range(5))
@@ -156,6 +159,20 @@ def test_fedgalore_s2_profile_is_the_joint_part_of_the_root_moments():
         v0 = plan.opt_state[f"{m}.exp_avg_sq"]
         want = new[f"{m}.v_sync"][0].view(-1, 1) if right else new[f"{m}.v_sync"][0].view(1, -1)
         torch.testing.assert_close(v0, want.expand_as(v0))
+
+
+def test_fedgalore_s2_without_joint_signal_keeps_adam_cold():
+    """A joint rank of 0 (here forced: θ = K + 1 > every σ²) leaves no profile: V restarts at zero
+    with Adam's bias correction, never at zero without it."""
+    g = torch.Generator().manual_seed(5)
+    s = _make("fedgalore", sync="s2", ajive_delta=-1.0)
+    server = s.init_server(_init(g), frozen={})
+    clients = np.array([0, 1, 2])
+    new, _ = _reduce(s, server, clients, _galore_trained(s, server, clients, g))
+    assert new["galore.joint_rank"].tolist() == [0.0, 0.0] and new["galore.warm"].tolist() == [0.0, 0.0]
+    plan = s.configure_client(new, {}, clients, Task.TRAIN)
+    assert plan.opt_state["tall.exp_avg_sq"].abs().sum() == 0
+    assert plan.hooks.warm == {"tall": (False, False), "wide": (False, False)}
 
 
 def test_fedavg_full_server_adds_the_weighted_mean_of_dense_updates():
@@ -217,7 +234,7 @@ def _dense_galore(run, server, client, *, rank, refresh, windows, right_of, v0, 
     dense leaf, G its autograd gradient, P from numpy's SVD of G, R = G Pᵀ (right) or Pᵀ G (left),
     Adam on R, W <- W - lr α_g N P; the head takes torch.optim.AdamW. Each singular vector is signed so
     that its largest entry is positive (the moments carry over a refresh, so the sign matters).
-    Returns ΔW per module and the Ps."""
+    Returns ΔW per module, the Ps, and the debiased second moment V / c2 of the last step."""
     cfg = run.cfg
     model = copy.deepcopy(run.model).double()
     opt_cfg = cfg.train.optimizer
@@ -228,7 +245,7 @@ def _dense_galore(run, server, client, *, rank, refresh, windows, right_of, v0, 
     head = {k: server[k][:1].double().clone().requires_grad_(True) for k in ("head.weight", "head.bias")}
     head_opt = torch.optim.AdamW(list(head.values()), lr=lr, betas=(b1, b2), eps=eps,
                                  weight_decay=opt_cfg.weight_decay)
-    P, M, V, projectors = {}, {}, {}, {m: [] for m in modules}
+    P, M, V, V_hat, projectors = {}, {}, {}, {}, {m: [] for m in modules}
     for m in modules:
         shape = (W[m].shape[1], rank) if right_of[m] else (rank, W[m].shape[2])
         M[m] = torch.zeros(shape, dtype=torch.float64)
@@ -259,7 +276,8 @@ def _dense_galore(run, server, client, *, rank, refresh, windows, right_of, v0, 
             c2 = 1.0 if (warm and bias == "warm") else 1 - b2 ** t
             N = (M[m] / c1) / ((V[m] / c2).sqrt() + eps)
             delta[m] = delta[m] - lr * scale * (N @ P[m] if right_of[m] else P[m] @ N)
-    return delta, projectors
+            V_hat[m] = V[m] / c2
+    return delta, projectors, V_hat
 
 
 CASES = {
@@ -285,7 +303,7 @@ def test_projected_adam_equals_dense_galore_in_float64(case):
         server[key] = 0.05 * torch.randn(server[key].shape, generator=g)
     warm = options["sync"] != "s0"
     if warm:
-        server["galore.warm"] = torch.ones(1)
+        server["galore.warm"] = torch.ones(len(s.sides))
         for side in s.sides:
             server[f"{side.module}.v_sync"] = 1e-4 * torch.rand(server[f"{side.module}.v_sync"].shape, generator=g)
     clients = np.array([0, 1, 3])
@@ -297,7 +315,7 @@ def test_projected_adam_equals_dense_galore_in_float64(case):
         v0 = None if not warm else {side.module: plan.opt_state[f"{side.module}.exp_avg_sq"][c] * 0 +
                                     (server[f"{side.module}.v_sync"][0].view(-1, 1) if side.right else
                                      server[f"{side.module}.v_sync"][0].view(1, -1)) for side in s.sides}
-        want, projectors = _dense_galore(run, server, int(client), rank=s.r, refresh=s.cfg.refresh_steps,
+        want, projectors, v_hat = _dense_galore(run, server, int(client), rank=s.r, refresh=s.cfg.refresh_steps,
                                          windows=s.cfg.projectors, right_of=right_of, v0=v0, warm=warm,
                                          bias=s.cfg.bias_correction, scale=s.cfg.scale)
         for side in s.sides:
@@ -312,6 +330,8 @@ def test_projected_adam_equals_dense_galore_in_float64(case):
                 ref = P if side.right else P.T
                 torch.testing.assert_close(mine.T @ mine, ref.T @ ref, rtol=0, atol=1e-4)
             assert len(projectors[m]) == s.cfg.projectors
+            results = plan.hooks.results()[f"{m}.v_hat"][c].double()   # what the client uploads for the sync
+            torch.testing.assert_close(results, v_hat[m], rtol=2e-3, atol=1e-9)
 
 
 # --- the planted setting: a full-rank teacher update under label skew ------------------------------

@@ -7,7 +7,8 @@ only the abstract and the name AJIVE were available; every choice below is an op
     client k:  P_k = top-r singular vectors of its first batch's gradient (and every `refresh_steps`),
                Adam in projected coordinates with V_k started from the server's profile ṽ,
                ΔW_k = Z_k P_k (fedhpc/strategies/galore.py);  head and biases: plain AdamW
-    up:        (Z_k, P_k), V_k, head
+    up:        (Z_k, P_k), V_k (Adam's debiased estimate V / (1 − β2^t) of a moment that started at
+               zero, V itself of one started from ṽ), head
     server:    ΔW = Σ_k p_k Z_k P_k  (exact, `lowrank_aggregate` on the gathered factors), folded into
                the frozen weight through the shared `<module>.base_delta`;  head <- Σ_k p_k head_k
     sync:      s0  none: every round's Adam state starts at zero (naive federated GaLore, §2.13)
@@ -130,7 +131,7 @@ class FedGaLore(Strategy):
                 server[f"{s.module}.P_shared"] = torch.zeros(1, *s.projector_shape(self.r), device=dev)
                 if self.cfg.sync_first_moment:
                     server[f"{s.module}.m_sync"] = torch.zeros(1, *s.moment_shape(self.r), device=dev)
-        server.update({SHARED: torch.zeros(1, device=dev), WARM: torch.zeros(1, device=dev),
+        server.update({SHARED: torch.zeros(1, device=dev), WARM: torch.zeros(len(self.sides), device=dev),
                        STACK: torch.zeros(1, device=dev), JOINT: torch.zeros(len(self.sides), device=dev),
                        ROUND: torch.zeros(1, device=dev)})
         return server
@@ -178,10 +179,10 @@ class FedGaLore(Strategy):
         cfg, r = self.cfg, self.r
         start = {k: server[k].expand(C, *server[k].shape[1:]).clone() for k in self.head}
         shared = cfg.sync == "s1" and float(server[SHARED][0]) > 0
-        warm = float(server[WARM][0]) > 0
+        warm = (server[WARM] > 0).tolist()  # per module: the synchronised state holds an estimate
         opt = {"step": (state[STEPS].view(C).clone() if STEPS in state else torch.zeros(C, dtype=torch.int64, device=dev))}
         opt.update({f"{k}.{m}": torch.zeros_like(start[k]) for k in self.head for m in ("exp_avg", "exp_avg_sq")})
-        for s in self.sides:
+        for s, warm_s in zip(self.sides, warm):
             start[base_delta_key(s.module)] = server[base_delta_key(s.module)]
             start[s.fixed] = torch.zeros(C, *((self.q, s.d_in) if s.right else (s.d_out, self.q)), device=dev)
             start[s.trained] = torch.zeros(C, *((s.d_out, self.q) if s.right else (self.q, s.d_in)), device=dev)
@@ -189,15 +190,15 @@ class FedGaLore(Strategy):
                 start[s.fixed][s.fixed_slot(0, r)] = server[f"{s.module}.P_shared"]
             shape = (C, *s.moment_shape(r))
             m0, v0 = torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
-            if warm and cfg.sync == "s2":
+            if warm_s and cfg.sync == "s2":
                 profile = server[f"{s.module}.v_sync"][0]
                 v0 += profile.view(-1, 1) if s.right else profile.view(1, -1)
-            elif warm and cfg.sync == "s1":
+            elif warm_s and cfg.sync == "s1":
                 v0 += server[f"{s.module}.v_sync"]
                 if cfg.sync_first_moment:
                     m0 += server[f"{s.module}.m_sync"]
             opt[f"{s.module}.exp_avg"], opt[f"{s.module}.exp_avg_sq"] = m0, v0
-        moments_warm = (warm and cfg.sync_first_moment, warm and cfg.sync != "s0")
+        moments_warm = {s.module: (w and cfg.sync_first_moment, w and cfg.sync != "s0") for s, w in zip(self.sides, warm)}
         run = GaLorePass(self.sides, rank=r, windows=cfg.projectors, refresh_steps=cfg.refresh_steps, given=shared,
                          scale=cfg.scale, warm=moments_warm, bias_correction=cfg.bias_correction, svd=cfg.svd,
                          power_iters=cfg.power_iters, client_ids=clients, seed=self.population.seed,
@@ -210,9 +211,9 @@ class FedGaLore(Strategy):
         for s in self.sides:
             upload[s.fixed], upload[s.trained] = trained[s.fixed], trained[s.trained]
             if self.cfg.sync != "s0":
-                upload[f"{s.module}.v"] = trained[f"optimizer.{s.module}.exp_avg_sq"]
+                upload[f"{s.module}.v"] = trained[f"{s.module}.v_hat"]     # Adam's debiased estimates
             if self.cfg.sync_first_moment:
-                upload[f"{s.module}.m"] = trained[f"optimizer.{s.module}.exp_avg"]
+                upload[f"{s.module}.m"] = trained[f"{s.module}.m_hat"]
         kept = {STEPS: trained["optimizer.step"].clone()} if STEPS in state else {}
         return kept, upload
 
@@ -228,17 +229,17 @@ class FedGaLore(Strategy):
         p = rows.weights.double() / rows.weights.double().sum()
         cfg, r = self.cfg, self.r
         joint_ranks = []
-        for s in self.sides:
+        for i, s in enumerate(self.sides):
             A, B = rows.values[f"{s.module}.update_A"].double(), rows.values[f"{s.module}.update_B"].double()
             U, S, Vh = lowrank_aggregate(B, A, p, rank=min(B.shape[0] * self.q, s.d_out, s.d_in), method="exact")
             key = base_delta_key(s.module)
             new[key] = server[key] + ((U * S.unsqueeze(-2)) @ Vh).unsqueeze(0).to(server[key].dtype)
             if cfg.sync == "s1":
                 if float(server[SHARED][0]) > 0:  # this round's V share the frame: average them
-                    new[f"{s.module}.v_sync"] = self._ema(server, f"{s.module}.v_sync",
+                    new[f"{s.module}.v_sync"] = self._ema(server, i, f"{s.module}.v_sync",
                                                           torch.tensordot(p, rows.values[f"{s.module}.v"].double(), 1))
                     if cfg.sync_first_moment:
-                        new[f"{s.module}.m_sync"] = self._ema(server, f"{s.module}.m_sync",
+                        new[f"{s.module}.m_sync"] = self._ema(server, i, f"{s.module}.m_sync",
                                                               torch.tensordot(p, rows.values[f"{s.module}.m"].double(), 1))
                 P = Vh[:r] if s.right else U[:, :r]
                 new[f"{s.module}.P_shared"] = P.unsqueeze(0).to(server[key].dtype)
@@ -247,23 +248,26 @@ class FedGaLore(Strategy):
                 gen = keyed_torch_generator(self.population.seed, round_index, s.index, purpose=Purpose.AJIVE_RESAMPLE)
                 joint = ajive(blocks, signal_rank=cfg.ajive_signal_rank or r, threshold=cfg.ajive_threshold,
                               delta=cfg.ajive_delta, samples=cfg.ajive_samples, generator=gen)
-                new[f"{s.module}.v_sync"] = self._ema(server, f"{s.module}.v_sync", joint_profile(blocks, p, joint))
+                profile = joint_profile(blocks, p, joint)
+                if joint.rank > 0:  # no joint signal: keep the last profile (or none)
+                    new[f"{s.module}.v_sync"] = self._ema(server, i, f"{s.module}.v_sync", profile)
                 joint_ranks.append(joint.rank)
         if cfg.sync == "s1":
-            new[WARM] = server[SHARED].clone()  # V was averaged iff the projector was shared
+            new[WARM] = torch.maximum(server[WARM], server[SHARED].expand_as(server[WARM]))  # V averaged in a shared frame
             new[SHARED] = torch.ones_like(server[SHARED])
         elif cfg.sync == "s2":
-            new[WARM] = torch.ones_like(server[WARM])
-            new[JOINT] = torch.tensor(joint_ranks, dtype=server[JOINT].dtype, device=server[JOINT].device)
+            ranks = torch.tensor(joint_ranks, dtype=server[JOINT].dtype, device=server[JOINT].device)
+            new[WARM] = torch.maximum(server[WARM], (ranks > 0).to(server[WARM].dtype))
+            new[JOINT] = ranks
         new[STACK] = torch.full_like(server[STACK], float(len(rows.clients) * self.q))
         new[ROUND] = torch.full_like(server[ROUND], float(round_index))
         return new
 
-    def _ema(self, server, key: str, value: torch.Tensor) -> torch.Tensor:
-        """The new synchronised state `[1, ...]`, mixed with the previous one when it holds an estimate."""
+    def _ema(self, server, index: int, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Module `index`'s new synchronised state `[1, ...]`, mixed with the previous one when it holds an estimate."""
         old = server[key]
         value = value.unsqueeze(0).to(old.dtype)
-        if self.cfg.profile_ema > 0 and float(server[WARM][0]) > 0:
+        if self.cfg.profile_ema > 0 and float(server[WARM][index]) > 0:
             return self.cfg.profile_ema * old + (1 - self.cfg.profile_ema) * value
         return value
 

@@ -135,8 +135,8 @@ class GaLorePass(LocalHooks):
         given: True where window 0's projector is already in the start factors (a shared
             projector from the server); else it comes from the first batch's gradient.
         scale: GaLore's α_g.
-        warm: `(first moment, second moment)` started from a synchronised estimate, so that
-            moment is not bias-corrected under `bias_correction="warm"`.
+        warm: per module, `(first moment, second moment)` started from a synchronised estimate, so
+            that moment is not bias-corrected under `bias_correction="warm"`.
         bias_correction: "warm" (Adam's correction only for moments that started at zero),
             "round" or "global" (Adam's correction on the step counter, reset per round or not).
         svd / power_iters: how projectors are computed (`top_singular`).
@@ -144,7 +144,7 @@ class GaLorePass(LocalHooks):
     """
 
     def __init__(self, sides: list[Side], *, rank: int, windows: int, refresh_steps: int, given: bool,
-                 scale: float, warm: tuple[bool, bool], bias_correction: str, svd: str, power_iters: int,
+                 scale: float, warm: dict[str, tuple[bool, bool]], bias_correction: str, svd: str, power_iters: int,
                  client_ids: np.ndarray, seed: int, round_index: int, count: int, device: torch.device):
         self.sides, self.rank, self.windows, self.refresh = sides, rank, windows, refresh_steps
         self.given, self.scale, self.warm, self.bias_correction = given, scale, warm, bias_correction
@@ -155,6 +155,7 @@ class GaLorePass(LocalHooks):
         self.fresh: dict[str, torch.Tensor] = {}
         self.plain: StackedOptimizer | None = None
         self.cfg: OptimConfig | None = None
+        self.state: dict[str, torch.Tensor] | None = None
 
     # --- hooks --------------------------------------------------------------------------------
     def window(self) -> int:
@@ -209,19 +210,40 @@ class GaLorePass(LocalHooks):
     def init_state(self, params):
         raise ValueError("fedgalore's plan brings its optimizer state (its moments start from the server's profile)")
 
+    def corrections(self, step: torch.Tensor, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adam's bias corrections `[C]` (c1, c2) of a module's moments at each client's step count:
+        1 − β^t, or 1 for a moment that started from a synchronised estimate (`bias_correction="warm"`)."""
+        (b1, b2), (warm_m, warm_v) = self.cfg.betas, self.warm[module]
+        t = step.clamp(min=1).to(torch.float64)
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        if self.bias_correction == "warm":
+            c1, c2 = (torch.ones_like(c1) if warm_m else c1), (torch.ones_like(c2) if warm_v else c2)
+        return c1, c2
+
+    def results(self):
+        """The moment estimates each client's last step used, M̂ = M / c1 and V̂ = V / c2 (`<module>.m_hat`,
+        `<module>.v_hat`): what it uploads for synchronisation. (The raw V of a round that started at
+        zero holds only 1 − β2^τ of its mass, about 1 % after 10 steps.)"""
+        if self.state is None:
+            return {}
+        out = {}
+        for s in self.sides:
+            c1, c2 = self.corrections(self.state["step"], s.module)
+            out[f"{s.module}.m_hat"] = self.state[f"{s.module}.exp_avg"] / c1.to(torch.float32).view(-1, 1, 1)
+            out[f"{s.module}.v_hat"] = self.state[f"{s.module}.exp_avg_sq"] / c2.to(torch.float32).view(-1, 1, 1)
+        return out
+
     @torch.no_grad()
     def step(self, params, grads, state, active=None, lr_scale=1.0, movable=None):
         trained = {s.trained for s in self.sides}
         self.plain.step(params, {k: g for k, g in grads.items() if k not in trained}, state, active, lr_scale,
                         movable)                                               # the head; counts the step
+        self.state = state
         (b1, b2), eps = self.cfg.betas, self.cfg.eps
-        t = state["step"].clamp(min=1).to(torch.float64)
-        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-        if self.bias_correction == "warm":
-            c1, c2 = (torch.ones_like(c1) if self.warm[0] else c1), (torch.ones_like(c2) if self.warm[1] else c2)
-        act = torch.ones_like(t, dtype=torch.bool) if active is None else active
+        act = torch.ones_like(state["step"], dtype=torch.bool) if active is None else active
         lr = self.cfg.lr * lr_scale * self.scale
         for s in self.sides:
+            c1, c2 = self.corrections(state["step"], s.module)
             shape = (-1, 1, 1)
             keep = act.view(shape)
             R = grads[s.trained][s.slot(self.window(), self.rank)]
