@@ -151,13 +151,14 @@ def agree_diverged(local: list[int], count: int, *, cfg: FaultsConfig, round_ind
 
 def check_server(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], *, round_index: int,
                  strategy: str) -> None:
-    """Never a silent NaN in the server state: a floating tensor that was finite (or new) and is not
-    after `aggregate_train` ends the run with one line naming it (a tensor a method keeps at NaN on
-    purpose, e.g. a metric not yet defined, is left alone)."""
+    """Never a silent NaN in the server state: a floating tensor that was finite before
+    `aggregate_train` and is not after it ends the run with one line naming it. (Uploads are
+    screened before they reach the aggregate, `nonfinite_clients`; a tensor a method creates or
+    keeps at NaN on purpose, e.g. a score not defined for a cut, is left alone.)"""
     for key, value in after.items():
-        if not value.is_floating_point() or bool(torch.isfinite(value).all()):
-            continue
         old = before.get(key)
-        if old is None or not old.is_floating_point() or bool(torch.isfinite(old).all()):
+        if old is None or not value.is_floating_point() or bool(torch.isfinite(value).all()):
+            continue
+        if old.is_floating_point() and bool(torch.isfinite(old).all()):
             raise FloatingPointError(f"round {round_index}: strategy {strategy}'s aggregate put NaN / inf into server "
                                      f"tensor {key!r}; the run stops rather than carry it on")

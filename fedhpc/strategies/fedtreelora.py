@@ -24,6 +24,14 @@ transformer block: all adapted modules of block l share its cut.
 
 A client's personalized model is one LoRA of rank 2r per module, [λ B̄_S, (1 − λ) B̄_ext] [Ā_S; Ā_ext]
 (`fedhpc export --client K` folds it, io/export.py).
+
+A seen client that did not return from the gathering round (`faults.dropout`) is outside the
+tree. Wherever its cluster is needed it is routed on its own, per layer to the cluster whose mean
+B is nearest its own B by the tree's distance; its first return after the build is its join
+round: it trains in those clusters and uploads its B (gathered, before training), the server
+places it the same way and counts it from the next round on (its update of the join round counts
+in no mean: its clusters were unknown when the round was planned). At evaluation an outside client
+whose B never trained (zero, as a new client's) gets the global model, as a new client does.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from .base import (Block, ClientPlan, Exchange, LocalHooks, RoundPlan, Strategy,
 from .tree_cuts import Cuts, Distance, Linkage, build_tree, fixed_cuts, independent_cuts, layer_distances, tree_cuts
 
 WARMUP, HEAD = "warmup", "head"  # block names: the gathered warm-up factors; the head per group
+JOIN = "join"  # block name: the own B of clients outside the tree, gathered in their join round
 
 
 def layer_block(index: int) -> str:
@@ -162,13 +171,23 @@ class FedTreeLoRA(Strategy):
             keys = lora(m for modules in self.layers for m in modules)
             keys.update(heads if self.cfg.head != "private" else {})
             return RoundPlan(seen, Exchange({WARMUP: Block(keys, reduce="gather", weights=self._weights())}))
-        labels = np.maximum(server["tree.labels"].cpu().numpy(), 0)  # clients outside the tree never train
+        labels = server["tree.labels"].cpu().numpy()
+        joining = sampled[labels[0, sampled] < 0]  # missed the gathering round: routed by their own B
+        labels = np.maximum(labels, 0)
+        weights = self._weights()
+        if len(joining):  # their update counts in no mean; their B goes up to place them
+            weights = np.asarray(self.population.num_examples if weights is None else weights, dtype=np.float64).copy()
+            weights[joining] = 0.0
         counts = server["tree.counts"].cpu().numpy()
         blocks, down = {}, {}
+        if len(joining):
+            joins = np.isin(np.arange(self.population.size), joining).astype(np.float64)
+            blocks[JOIN] = Block({_joined(m): self.shapes[f"{m}.lora_B"] for modules in self.layers for m in modules},
+                                 reduce="gather", weights=joins)
         for index, modules in enumerate(self.layers):
             keys = lora(modules)
             blocks[layer_block(index)] = Block(keys, groups=labels[index], num_groups=int(counts[index]),
-                                               weights=self._weights())
+                                               weights=weights)
             down.update(keys)
             if self.cfg.external and counts[index] > 1:  # the external expert travels too
                 for m in modules:
@@ -176,7 +195,7 @@ class FedTreeLoRA(Strategy):
                     down.update({expert_a: self.shapes[f"{m}.lora_A"], expert_b: self.shapes[f"{m}.lora_B"]})
         if self.cfg.head != "private":
             groups, count = (labels[-1], int(counts[-1])) if self.cfg.head == "deepest" else (None, 1)
-            blocks[HEAD] = Block(heads, groups=groups, num_groups=count, weights=self._weights())
+            blocks[HEAD] = Block(heads, groups=groups, num_groups=count, weights=weights)
             down.update(heads)
         return RoundPlan(sampled, Exchange(blocks, down=down))
 
@@ -194,6 +213,14 @@ class FedTreeLoRA(Strategy):
         hooks = _TiedMixing(mixed) if self.cfg.mix_per == "block" else LocalHooks()
         return ClientPlan(self._personal(server, state, clients), trainable, hooks)
 
+    def finish_client(self, server, trained, state, clients):
+        """The default, and after the build every client's own B as it was before the round, for
+        the join block of a client outside the tree (read only for those)."""
+        new, upload = super().finish_client(server, trained, state, clients)
+        if self._built(server):
+            upload = {**upload, **{_joined(m): state[f"{m}.lora_B"] for modules in self.layers for m in modules}}
+        return new, upload
+
     def aggregate_train(self, server, reduced, *, round_index):
         """Warm-up: count the round (build the tree after the last one). Then each layer's cluster
         means replace those of the clusters that took part, and the external experts follow."""
@@ -203,6 +230,12 @@ class FedTreeLoRA(Strategy):
             if WARMUP in reduced.blocks:
                 new.update(self._build(server, reduced[WARMUP]))
             return new
+        if JOIN in reduced.blocks and len(reduced[JOIN].clients):
+            joined = reduced[JOIN]
+            labels = new["tree.labels"].clone()
+            routed = self._route(server, {m: joined.values[_joined(m)] for modules in self.layers for m in modules})
+            labels[:, joined.clients.to(labels.device)] = routed.to(labels)
+            new["tree.labels"] = labels
         for index, modules in enumerate(self.layers):
             self._update(new, server, reduced[layer_block(index)], [k for m in modules for k in lora_keys(m)],
                          f"tree.weight{index}", modules)
@@ -278,11 +311,31 @@ class FedTreeLoRA(Strategy):
                 out[expert] = torch.where(others > 0, external, torch.zeros_like(external)).to(means.dtype)
         return out
 
+    def _route(self, server, own_B: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[layers, C]` per layer the cluster whose mean B (the server's cluster expert) is nearest
+        each client's own B `[C, d_out, r]` per module, by the tree's distance."""
+        out = []
+        for modules in self.layers:
+            mine = torch.cat([own_B[m].detach().cpu().flatten(1) for m in modules], dim=1)
+            means = torch.cat([server[f"{m}.lora_B"].detach().cpu().flatten(1) for m in modules], dim=1)
+            d = layer_distances(torch.cat([mine, means]).float(), self.cfg.distance)[:len(mine), len(mine):]
+            out.append(torch.as_tensor(np.argmin(d, axis=1), dtype=torch.int64))
+        return torch.stack(out)
+
+    def _labels(self, server, state, clients) -> np.ndarray:
+        """`[layers, C]` each client's cluster per layer; a client outside the tree routed by its own B."""
+        labels = server["tree.labels"].cpu().numpy()[:, clients]
+        outside = labels[0] < 0
+        if outside.any():
+            routed = self._route(server, {m: state[f"{m}.lora_B"] for modules in self.layers for m in modules})
+            labels = np.where(outside[None, :], routed.numpy(), labels)
+        return labels
+
     # --- what a client holds ---------------------------------------------------------------------
     def _personal(self, server, state, clients) -> dict[str, torch.Tensor]:
         """Per layer its cluster's expert, the external expert and the client's θ (mixed layers),
         and the head of its group (or its own)."""
-        labels = server["tree.labels"].cpu().numpy()[:, clients]
+        labels = self._labels(server, state, clients)
         counts = server["tree.counts"].cpu().numpy()
         device = server["tree.labels"].device
         out = {}
@@ -321,14 +374,27 @@ class FedTreeLoRA(Strategy):
         if not self._built(server):
             return {k: state[k].clone() for k in self.keys}
         inside = server["tree.labels"].cpu()[0, torch.as_tensor(np.asarray(clients))] >= 0
-        if bool(inside.all()):
+        trained = torch.stack([state[f"{m}.lora_B"].flatten(1).abs().sum(1) > 0 for modules in self.layers
+                               for m in modules]).any(0).cpu()
+        personal = inside | trained  # outside the tree with a trained B: routed (missed the gathering round)
+        if bool(personal.all()):
             return self._personal(server, state, clients)
-        if bool(inside.any()):
-            raise ValueError("configure_evaluate: clients inside and outside the tree in one call")
         shared = self._global(server)
         out = {k: v.expand(len(clients), *v.shape[1:]).clone() for k, v in shared.items()}
         out.update({h: state[h].clone() for h in self.heads if h not in out})
-        return out
+        if not bool(personal.any()):
+            return out
+        mine = self._personal(server, state, clients)  # one layout for the call: the global model as λ = 1
+        keep = personal.to(next(iter(mine.values())).device)
+        for key, value in mine.items():
+            if key in out:
+                glob = out[key]
+            elif key.endswith(".mix_logit"):
+                glob = torch.full_like(value, float("inf"))
+            else:
+                glob = torch.zeros_like(value)
+            mine[key] = torch.where(keep.view(-1, *([1] * (value.dim() - 1))), value, glob)
+        return mine
 
     def global_model(self, server, init):
         """The mean of every client's cluster expert (and head): None before the tree, or when
@@ -354,6 +420,11 @@ class FedTreeLoRA(Strategy):
             inside = labels[0] >= 0
             out["layer_ari"] = [float(adjusted_rand_score(t[inside], found[inside])) for t, found in zip(truth, labels)]
         return out
+
+
+def _joined(module: str) -> str:
+    """Key of a module's own B in the join block (apart from the cluster expert's `lora_B`)."""
+    return f"join.{module}.lora_B"
 
 
 def _group_means(values: dict[str, torch.Tensor], keys: list[str], group: torch.Tensor, weights: torch.Tensor,
