@@ -50,7 +50,7 @@ def assemble(cfg: ExperimentConfig, comm) -> Run:
     world = make_world(comm, num_clients=cfg.num_clients, device=cfg.device)
     modality = "text" if cfg.model.family == "hf" else "image"
     data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed, modality=modality,
-                                seq_len=cfg.model.seq_len)
+                                seq_len=cfg.model.seq_len, tokenizer=cfg.model.name if modality == "text" else "")
     lora = adapter_lora(cfg)
     ranks = ClientRanks(lora.client_ranks(cfg.num_clients, seed=cfg.seed), lora.lora_alpha)
     model = build_cohort_model(cfg.model, lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device,

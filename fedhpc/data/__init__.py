@@ -11,24 +11,33 @@ from typing import Callable, Literal
 
 from ..single_thread import single_threaded
 from .cifar100 import load_cifar100
-from .config import DataConfig, PartitionConfig, PlantedConfig
+from .config import ColumnsConfig, DataConfig, PartitionConfig, PlantedConfig
+from .custom import check_federated_data, load_python
 from .digits import load_digits
 from .domainnet import load_domainnet
 from .federated import FederatedData
+from .folder import load_folder
+from .hf import load_hf
 from .planted import TOKEN_OFFSET, TextShape, load_planted
 
 __all__ = ["build_federated_data", "list_datasets", "DATASETS", "TEXT_DATASETS", "DataConfig",
-           "PartitionConfig", "PlantedConfig", "FederatedData", "TOKEN_OFFSET"]
+           "PartitionConfig", "PlantedConfig", "ColumnsConfig", "FederatedData", "TOKEN_OFFSET",
+           "check_federated_data", "SOURCES"]
 
 DATASETS: dict[str, Callable[..., FederatedData]] = {
     "planted": load_planted,
     "digits": load_digits,
     "cifar100": load_cifar100,
     "domainnet": load_domainnet,
+    "hf": load_hf,
+    "folder": load_folder,
+    "python": load_python,
 }
 """Name -> loader `(cfg, *, num_clients, seed) -> FederatedData`."""
 TEXT_DATASETS = ("planted",)
 """Data sets that can also be rendered as token ids (their loaders take `text=`)."""
+SOURCES = ("hf", "folder", "python")
+"""Your own data (their loaders take `modality=`, `seq_len=` and the model's `tokenizer=`)."""
 
 
 def list_datasets() -> list[str]:
@@ -37,7 +46,7 @@ def list_datasets() -> list[str]:
 
 def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
                          modality: Literal["image", "text"] = "image", seq_len: int = 32,
-                         vocab_size: int = 1000) -> FederatedData:
+                         vocab_size: int = 1000, tokenizer: str = "") -> FederatedData:
     """Load `cfg.name` and split it over `num_clients` clients.
 
     Args:
@@ -48,18 +57,25 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
             `[N, seq_len]` in [TOKEN_OFFSET, TOKEN_OFFSET + vocab_size) (planted only).
         seq_len: tokens per text sample.
         vocab_size: distinct token ids a text sample may use.
+        tokenizer: the Hugging Face model (`model.name`) whose tokenizer turns text into token ids
+            (`hf` text columns).
     """
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(list_datasets())}")
     with single_threaded():  # the same bits whatever the thread count (fedhpc/single_thread.py)
         return _build(cfg, num_clients=num_clients, seed=seed, modality=modality, seq_len=seq_len,
-                      vocab_size=vocab_size)
+                      vocab_size=vocab_size, tokenizer=tokenizer)
 
 
 def _build(cfg: DataConfig, *, num_clients: int, seed: int, modality: str, seq_len: int,
-           vocab_size: int) -> FederatedData:
+           vocab_size: int, tokenizer: str = "") -> FederatedData:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if cfg.name in SOURCES:
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+        return DATASETS[cfg.name](cfg, num_clients=num_clients, seed=seed, modality=modality, seq_len=seq_len,
+                                  tokenizer=tokenizer)
     if modality == "image":
         return DATASETS[cfg.name](cfg, num_clients=num_clients, seed=seed)
     if modality != "text":

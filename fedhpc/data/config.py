@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["PartitionConfig", "PlantedConfig", "DataConfig"]
+__all__ = ["PartitionConfig", "PlantedConfig", "ColumnsConfig", "DataConfig"]
 
 
 @dataclass(kw_only=True)
@@ -113,12 +113,32 @@ class PlantedConfig:
 
 
 @dataclass(kw_only=True)
+class ColumnsConfig:
+    input: str = ""
+    """Column of the inputs: images (decoded with PIL) or text (tokenized with the model's
+    tokenizer). Empty: the first of image, img, text, sentence that the table has."""
+    label: str = "label"
+    """Column of the labels: integer class ids, or class names (numbered in sorted order)."""
+    domain: str = ""
+    """Optional column of each sample's domain (for `partition.kind: domain`); empty: none."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
-    name: Literal["planted", "digits", "cifar100", "domainnet"] = "planted"
+    name: Literal["planted", "digits", "cifar100", "domainnet", "hf", "folder", "python"] = "planted"
     """Data set: `planted` (synthetic, known clusters), `digits` (scikit-learn's bundled
-    8x8 digits), `cifar100` (local `cifar-100-python` folder), `domainnet` (local folder)."""
+    8x8 digits), `cifar100` (local `cifar-100-python` folder), `domainnet` (local folder);
+    your own: `hf` (a `datasets` save_to_disk folder or parquet / CSV / JSON files, fedhpc/data/hf.py),
+    `folder` (an ImageFolder tree, fedhpc/data/folder.py), `python` (`loader`, fedhpc/data/custom.py)."""
     root: str = ""
-    """Folder holding the data set on disk (cifar100, domainnet)."""
+    """Folder (or file, for `hf`) holding the data set on disk (cifar100, domainnet, hf, folder)."""
+    columns: ColumnsConfig = field(default_factory=lambda: ColumnsConfig())
+    """`hf` only: which columns hold the input, the label and (optionally) the domain."""
+    loader: str = ""
+    """`python` only: `package.module:function` returning a `FederatedData` (contract in
+    fedhpc/data/custom.py); the run's working folder is on the import path."""
+    loader_args: dict[str, Any] = field(default_factory=dict)
+    """`python` only: keyword arguments passed to the loader."""
     image_size: int = 32
     """Images are resized to `image_size` x `image_size` (3 channels)."""
     test_fraction: float = 0.2
@@ -134,6 +154,8 @@ class DataConfig:
     planted: PlantedConfig = field(default_factory=PlantedConfig)
 
     def __post_init__(self):
+        if self.name == "python" and ":" not in self.loader:
+            raise ValueError(f"loader must name 'package.module:function' for name=python, got {self.loader!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0.0 <= self.unseen_fraction < 1.0:

@@ -6,7 +6,7 @@ same seed, so placement of clients on ranks never changes what a client holds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,14 +28,15 @@ class FederatedData:
     global_test_x: torch.Tensor
     """`[G, ...]` global test set (the server's view)."""
     global_test_y: torch.Tensor
-    client_train: list[np.ndarray]
-    """Per client: indices into the training pool."""
-    client_test: list[np.ndarray]
+    client_train: list[np.ndarray] = field(default_factory=list)
+    """Per client: indices into the training pool. A user's loader (`data.name: python`) may leave
+    it empty: fedhpc then splits the pools by `data.partition` and fills the three fields below."""
+    client_test: list[np.ndarray] = field(default_factory=list)
     """Per client: indices into the test pool (its local test split)."""
-    groups: np.ndarray
+    groups: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """`[num_clients]` true latent group per client (planted cluster, SC-Dir group, domain);
     -1 where the data has no latent groups."""
-    unseen: np.ndarray
+    unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """Sorted ids of clients held out of training (evaluated as unseen clients)."""
     domain_names: tuple[str, ...] = ()
     """Names behind the domain ids below (DomainNet); empty where the data has no domains."""

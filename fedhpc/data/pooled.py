@@ -8,7 +8,7 @@ pool: the server evaluates on all of it, as in ILoRA's code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from .images import channel_stats, normalise_, resize_images
 from .partition import choose_unseen, ensure_min_samples, matched_test_partition, partition_clients
 from ..rng import make_rng
 
-__all__ = ["ImagePools", "cap_indices", "federate_pools"]
+__all__ = ["ImagePools", "cap_indices", "federate_pools", "federate_tensors", "split_clients"]
 
 
 @dataclass(kw_only=True)
@@ -53,17 +53,22 @@ def cap_indices(num_train: int, num_test: int, *, max_samples: int,
             np.sort(rng.choice(num_test, size=keep_test, replace=False)))
 
 
-def federate_pools(pools: ImagePools, cfg: DataConfig, *, num_clients: int,
-                   seed: int) -> FederatedData:
-    train_y = pools.train_labels.astype(np.int64)
-    test_y = pools.test_labels.astype(np.int64)
+def split_clients(train_y: np.ndarray, test_y: np.ndarray, cfg: DataConfig, *, num_clients: int, seed: int,
+                  num_classes: int, train_domain: np.ndarray | None = None,
+                  test_domain: np.ndarray | None = None):
+    """Who holds what, for any labelled pair of pools: `(client_train, client_test, groups, unseen)`.
+
+    The training pool is split by `cfg.partition` (every partitioner), each client gets a local
+    test split matching its training mix (per (domain, class) under a domain split), and the
+    unseen clients are chosen; each step draws from its own keyed stream."""
     client_train, groups = partition_clients(train_y, cfg.partition, num_clients=num_clients,
-                                             rng=make_rng(seed, "partition"),
-                                             domains=pools.train_domain)
+                                             rng=make_rng(seed, "partition"), domains=train_domain)
     # Under a domain split a client's test mix is per (domain, class); otherwise per class.
     if cfg.partition.kind == "domain":
-        train_keys = pools.train_domain * pools.num_classes + train_y
-        test_keys = pools.test_domain * pools.num_classes + test_y
+        if test_domain is None:
+            raise ValueError("partition.kind='domain' needs the domain of every test sample too")
+        train_keys = train_domain * num_classes + train_y
+        test_keys = test_domain * num_classes + test_y
     else:
         train_keys, test_keys = train_y, test_y
     test_rng = make_rng(seed, "local-test")
@@ -72,6 +77,16 @@ def federate_pools(pools: ImagePools, cfg: DataConfig, *, num_clients: int,
         client_test = ensure_min_samples(client_test, min_samples=1, rng=test_rng,
                                          groups=groups if (groups >= 0).all() else None)
     unseen = choose_unseen(num_clients, fraction=cfg.unseen_fraction, rng=make_rng(seed, "unseen"))
+    return client_train, client_test, groups, unseen
+
+
+def federate_pools(pools: ImagePools, cfg: DataConfig, *, num_clients: int,
+                   seed: int) -> FederatedData:
+    train_y = pools.train_labels.astype(np.int64)
+    test_y = pools.test_labels.astype(np.int64)
+    client_train, client_test, groups, unseen = split_clients(
+        train_y, test_y, cfg, num_clients=num_clients, seed=seed, num_classes=pools.num_classes,
+        train_domain=pools.train_domain, test_domain=pools.test_domain)
 
     train_x = resize_images(pools.train_images, image_size=cfg.image_size)
     test_x = resize_images(pools.test_images, image_size=cfg.image_size)
@@ -87,3 +102,13 @@ def federate_pools(pools: ImagePools, cfg: DataConfig, *, num_clients: int,
         domain_names=pools.domain_names, train_domain=pools.train_domain,
         test_domain=pools.test_domain, global_test_domain=pools.test_domain,
     )
+
+
+def federate_tensors(data: FederatedData, cfg: DataConfig, *, num_clients: int, seed: int) -> FederatedData:
+    """`data` with its pools kept as they are (model-ready tensors: token ids, images) and its
+    clients split by `cfg.partition` (`split_clients`): the path of text sources and of a
+    user's loader that leaves `client_train` empty."""
+    client_train, client_test, groups, unseen = split_clients(
+        data.train_y.numpy(), data.test_y.numpy(), cfg, num_clients=num_clients, seed=seed,
+        num_classes=data.num_classes, train_domain=data.train_domain, test_domain=data.test_domain)
+    return replace(data, client_train=client_train, client_test=client_test, groups=groups, unseen=unseen)

@@ -73,13 +73,22 @@ def _hf_backbone(cfg: ModelConfig, num_classes: int):
 
     hf_logging.set_verbosity_error()  # the fresh classifier head is expected, not news
     hf_logging.disable_progress_bar()
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_hf_path(cfg.name), num_labels=num_classes)
+    if cfg.random_init:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_hf_path(cfg.name), num_labels=num_classes)
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_hf_path(cfg.name), num_labels=num_classes)
     head_name = next((n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Linear)), None)
     if head_name is None:
         raise ValueError(f"model.name: '{cfg.name}' has no nn.Linear classifier head fedhpc can stack")
 
+    pad = model.config.pad_token_id  # padding of tokenized text is masked; planted tokens never equal it
+
     def call(m, input_ids):
-        return m(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        mask = torch.ones_like(input_ids) if pad is None else (input_ids != pad).to(input_ids.dtype)
+        return m(input_ids=input_ids, attention_mask=mask).logits
 
     return model, head_name, call
 

@@ -24,7 +24,10 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for `timm.create_model` (img_size, patch_size, depth, ...)."""
     seq_len: int = 32
-    """hf only: token sequence length of the (planted) text inputs."""
+    """hf only: token sequence length of the text inputs (planted, or tokenized and padded / truncated)."""
+    random_init: bool = False
+    """hf only: build the architecture from the folder's config with random (seeded) weights instead
+    of loading the pretrained ones: the baseline that shows what pretraining adds."""
 
     def __post_init__(self):
         if not self.name:

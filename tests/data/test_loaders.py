@@ -23,11 +23,11 @@ def iid(**fields):
 
 # ---------------------------------------------------------------- registry and modality
 def test_registry_lists_every_data_set():
-    assert list_datasets() == ["cifar100", "digits", "domainnet", "planted"]
+    assert list_datasets() == ["cifar100", "digits", "domainnet", "folder", "hf", "planted", "python"]
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: cifar100, digits, domainnet, planted"):
+    with pytest.raises(ValueError, match="known: cifar100, digits, domainnet, folder, hf, planted, python"):
         build_federated_data(DataConfig(name="mnist"), num_clients=2, seed=0)
 
 
