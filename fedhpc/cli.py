@@ -157,7 +157,10 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="fedhpc", description="MPI simulator for federated LoRA fine-tuning")
+    parser.add_argument("--version", action="version", version=f"fedhpc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a federated experiment from a YAML config")
     p_run.add_argument("config", nargs="?", help="YAML config file (see configs/); optional with --resume RUN_DIR")
