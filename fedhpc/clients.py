@@ -80,7 +80,9 @@ def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round
 def partial_work(run: Run, ids: np.ndarray, work: np.ndarray, *, round_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Late clients' share of a round's training (`runtime/faults.py`): `[C]` steps each client
     takes (`steps_done` of its round's steps for a fraction `work`) and the fraction of its steps
-    that is (its upload's weight factor under the `partial` policy)."""
+    that is (its upload's weight factor under the `partial` policy), rounded to a multiple of 1/256
+    (at least 1/256): a dyadic factor times an integer sample count keeps the weighted float64
+    sums of the reduction as exact as unscaled ones, so the rank count changes no bit."""
     from .runtime.faults import steps_done
     from .train.local import client_batches
 
@@ -88,4 +90,4 @@ def partial_work(run: Run, ids: np.ndarray, work: np.ndarray, *, round_index: in
     total = np.array([len(client_batches(data.client_train[c], seed=run.cfg.seed, client=int(c),
                                          round_index=round_index, cfg=run.cfg.train)) for c in ids])
     done = np.array([steps_done(int(n), float(w)) for n, w in zip(total, work)], dtype=np.int64)
-    return done, done / np.maximum(total, 1)
+    return done, np.maximum(1.0, np.round(256 * done / np.maximum(total, 1))) / 256

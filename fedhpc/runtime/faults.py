@@ -15,7 +15,7 @@ loop runs exactly as without this module):
   `wait` for the full work (numbers as without stragglers; only the count is logged), `drop`
   the late clients (handled exactly like dropout), or accept their `partial` work: they train
   their first `max(1, floor(f x steps))` steps and their rows count in every block with their
-  weight times steps done / steps asked.
+  weight times steps done / steps asked (to 1/256, which keeps the float64 sums rank-independent).
 - diverged: a client whose loss or upload (or new state) holds NaN / inf is named with its id and
   the round; `stop` ends the run with a one-line error (exit 2), `exclude` leaves it out of the
   aggregate and keeps its previous state (like a dropped client).
