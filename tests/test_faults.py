@@ -369,3 +369,25 @@ def test_a_run_with_faults_resumes_to_the_uninterrupted_run(tmp_path):
     run(load_config(CONFIG, overrides + [f"out_dir={tmp_path / 'b'}"]), comm=MPI.COMM_SELF, progress=False,
         resume=find_resumable(part, comm=MPI.COMM_SELF))
     _assert_same_run(part, full)
+
+
+def _every_method():
+    from fedhpc.strategies import list_strategies
+
+    return list_strategies()
+
+
+@pytest.mark.parametrize("strategy", _every_method())
+def test_every_method_runs_through_dropout_late_clients_and_empty_rounds(strategy, tmp_path):
+    """One or two participants a round, most of them dropped or late: rounds nobody returns from,
+    rounds with one partial client, and (HiLoRA, FedTreeLoRA) clients that miss the gathering round."""
+    from test_checkpoint import OPTIONS
+
+    overrides = TINY + [f"strategy.name={strategy}", *OPTIONS.get(strategy, []), "rounds=4", "sampling.count=2",
+                        "faults.dropout=0.5", "faults.stragglers=0.5", "faults.policy=partial", "seed=2",
+                        f"out_dir={tmp_path}"]
+    summary = run(load_config(CONFIG, overrides), comm=MPI.COMM_SELF, progress=False)
+    rounds = [json.loads(line) for line in (tmp_path / "quickstart/metrics.jsonl").read_text().splitlines()]
+    returned = [m["returned"] for m in rounds]
+    assert 0 in returned and max(returned) > 0 and sum(m["late"] for m in rounds) > 0, returned
+    assert summary["personalized_mean"] is not None and math.isfinite(summary["personalized_mean"])
