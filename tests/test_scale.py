@@ -172,3 +172,68 @@ def test_bad_store_and_eval_values_name_the_key():
         load_config(CONFIG, ["eval.fraction=0"])
     with pytest.raises(Exception, match="gather_limit_mb"):
         load_config(CONFIG, ["checkpoint.gather_limit_mb=-2"])
+
+
+def _planted_statistics(rng, truth, dims, r, noise):
+    from fedhpc.strategies.subspace_clustering import Statistic
+
+    out = []
+    for p in dims:
+        U = [np.linalg.qr(rng.standard_normal((p, r)))[0] for _ in range(truth.max() + 1)]
+        out.append(Statistic(torch.tensor(np.stack([U[c] @ rng.standard_normal((r, r)) + noise * rng.standard_normal((p, r))
+                                                    for c in truth]))))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scalable_clustering_finds_the_planted_clusters_the_exact_path_finds(seed):
+    from sklearn.metrics import adjusted_rand_score
+
+    from fedhpc.strategies.subspace_clustering import cluster_clients, cluster_clients_scalable
+
+    rng = np.random.default_rng(seed)
+    truth = rng.permutation(np.arange(150) % 3)
+    stats = _planted_statistics(rng, truth, (96, 128, 80, 96), 4, 0.1)
+    exact = cluster_clients(stats, k_min=2, k_max=8)
+    scalable = cluster_clients_scalable(stats, k_min=2, k_max=8, neighbors=30)
+    assert adjusted_rand_score(truth, exact.labels) == 1.0
+    assert scalable.count == exact.count == 3
+    assert adjusted_rand_score(truth, scalable.labels) == 1.0
+    assert scalable.affinity.nnz < 150 * 150 / 2  # a sparse graph
+
+
+def test_projected_similarities_estimate_the_exact_ones():
+    """Principal angles (biased up by about r / width for every pair) and cosines (unbiased) of
+    projected statistics against subspace_distance / cosine_distance in float64."""
+    from fedhpc.strategies.subspace_clustering import (_pair_similarity, cosine_distance, project_statistics,
+                                                       subspace_distance, bases)
+
+    rng = np.random.default_rng(3)
+    truth = np.arange(40) % 4
+    stats = _planted_statistics(rng, truth, (300, 200), 4, 0.1)
+    i = np.arange(40)
+    j = np.tile(np.arange(40), (40, 1))
+    exact = 1 - subspace_distance([bases(s.B) for s in stats])
+    got = _pair_similarity(project_statistics(stats, similarity="subspace", width=256), i, j).numpy()
+    off = ~np.eye(40, dtype=bool)
+    assert np.abs(got - exact - 4 / 256)[off].mean() < 0.03
+    assert np.corrcoef(got[off], exact[off])[0, 1] > 0.95
+    exact_cos = 1 - cosine_distance(stats)
+    got_cos = _pair_similarity(project_statistics(stats, similarity="cosine", width=256), i, j).numpy()
+    assert np.abs(got_cos - exact_cos)[off].mean() < 0.05
+    assert np.corrcoef(got_cos[off], exact_cos[off])[0, 1] > 0.85
+
+
+def test_hilora_runs_with_the_scalable_clustering(tmp_path):
+    from mpi4py import MPI
+
+    from fedhpc.experiment import run
+
+    opts = ["strategy.name=hilora", "strategy.root_rounds=1", "strategy.cluster_rounds=1", "rounds=3",
+            f"out_dir={tmp_path}"]
+    exact = run(load_config(CONFIG, TINY + opts + ["name=exact"]), comm=MPI.COMM_SELF, progress=False)
+    scalable = run(load_config(CONFIG, TINY + opts + ["name=scalable", "strategy.clustering=scalable",
+                                                      "strategy.scalable_neighbors=3"]),
+                   comm=MPI.COMM_SELF, progress=False)
+    assert scalable["num_clusters"] >= 1 and np.isfinite(scalable["personalized_mean"])
+    assert exact["num_clusters"] >= 1

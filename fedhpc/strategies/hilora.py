@@ -41,6 +41,7 @@ B̄Ā != mean of B_i A_i). See docs/results.md for the measured bytes of each.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,7 +52,8 @@ from .base import (Block, ClientPlan, Exchange, RoundPlan, Strategy, StrategyCon
 from ..kernels import lowrank_aggregate
 from .hilora_tiers import (CLUSTER, LEAF, ROOT, STAGES, Aggregation, TierHooks, aggregate_tier, relative_change,
                            tier_slice, tier_tensors)
-from .subspace_clustering import Similarity, Source, Statistic, client_statistic, cluster_clients, route
+from .subspace_clustering import (Similarity, Source, Statistic, client_statistic, cluster_clients,
+                                  cluster_clients_scalable, route)
 
 TIER, GATHERED = "tier", "gathered"  # block names: the active tier and head per group; rows gathered whole
 JOIN = "join"  # block name: the statistics of clients without a cluster, gathered in their join round
@@ -87,6 +89,17 @@ class HiLoRAConfig(StrategyConfig):
     kernel [3P]. See subspace_clustering.gaussian_affinity and docs/results.md (HiLoRA)."""
     clustering_seed: int = 0
     """random_state of scikit-learn's SpectralClustering."""
+    clustering: Literal["auto", "exact", "scalable"] = "auto"
+    """exact: every pair of clients on every matrix (N² Grams; minutes at 10³ clients, a day at
+    10⁴); scalable: statistics projected to `scalable_width` rows, a `scalable_neighbors`-NN graph
+    found through a small sketch, sparse spectral clustering (subspace_clustering.py; under a minute
+    at 10⁴, see docs/results.md "Scale"); auto: exact up to `scalable_above` clustered clients."""
+    scalable_above: int = 500
+    """auto picks the scalable path above this many clustered clients."""
+    scalable_neighbors: int = 30
+    """k of the scalable path's k-NN graph (affinity_neighbors, when > 0, wins)."""
+    scalable_width: int = 64
+    """Rows each statistic is projected to on the scalable path."""
     gamma_cluster: float = 0.1
     """γ_c: weight of ||B_rᵀ B||_F² while training the cluster and leaf tiers [3P]."""
     gamma_leaf: float = 0.1
@@ -119,6 +132,10 @@ class HiLoRAConfig(StrategyConfig):
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         if min(self.gamma_cluster, self.gamma_leaf, self.root_tau, self.affinity_neighbors) < 0:
             raise ValueError("gamma_cluster, gamma_leaf, root_tau and affinity_neighbors must be >= 0")
+        if self.clustering not in ("auto", "exact", "scalable"):
+            raise ValueError(f"clustering must be auto, exact or scalable, got {self.clustering!r}")
+        if min(self.scalable_above, self.scalable_neighbors, self.scalable_width) < 1:
+            raise ValueError("scalable_above, scalable_neighbors and scalable_width must be >= 1")
         if self.keep_optimizer_state:
             raise ValueError("keep_optimizer_state must be false: a frozen tier's optimizer moments would move it")
 
@@ -378,10 +395,17 @@ class HiLoRA(Strategy):
 
     def _start_cluster_stage(self, new, rows: Rows):
         """LSAC on the gathered EMA bases; the cluster tier and heads start from one shared init."""
-        found = cluster_clients([self._statistic(rows.values, m) for m in self.modules], k_min=self.cfg.k_min,
-                                k_max=self.cfg.k_max, similarity=self.cfg.similarity, sigma=self.cfg.sigma,
-                                sigma_scale=self.cfg.sigma_scale,
-                                neighbors=self.cfg.affinity_neighbors, seed=self.cfg.clustering_seed)
+        stats = [self._statistic(rows.values, m) for m in self.modules]
+        cfg = self.cfg
+        if cfg.clustering == "scalable" or (cfg.clustering == "auto" and len(rows.clients) > cfg.scalable_above):
+            found = cluster_clients_scalable(stats, k_min=cfg.k_min, k_max=cfg.k_max, similarity=cfg.similarity,
+                                             sigma=cfg.sigma, sigma_scale=cfg.sigma_scale,
+                                             neighbors=cfg.affinity_neighbors or cfg.scalable_neighbors,
+                                             seed=cfg.clustering_seed, width=cfg.scalable_width)
+        else:
+            found = cluster_clients(stats, k_min=cfg.k_min, k_max=cfg.k_max, similarity=cfg.similarity,
+                                    sigma=cfg.sigma, sigma_scale=cfg.sigma_scale, neighbors=cfg.affinity_neighbors,
+                                    seed=cfg.clustering_seed)
         clusters = torch.full_like(new["clusters"], -1)
         clusters[rows.clients.to(clusters.device)] = torch.as_tensor(found.labels).to(clusters)
         k = found.count

@@ -22,6 +22,7 @@ Pure functions of tensors, the same on every rank for the same input.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +32,8 @@ import torch
 from ..kernels import lowrank_aggregate, orthonormalize, subspace_similarity
 
 __all__ = ["Clustering", "Statistic", "client_statistic", "bases", "subspace_distance", "cosine_distance",
-           "gaussian_affinity", "eigengap_count", "cluster_clients", "route"]
+           "gaussian_affinity", "eigengap_count", "cluster_clients", "route", "project_statistics", "cluster_projected",
+           "SketchedClustering", "cluster_clients_scalable"]
 
 Source = Literal["trained_B", "update_B", "update_product"]
 Similarity = Literal["subspace", "cosine"]
@@ -197,3 +199,189 @@ def route(probe: list[Statistic], clusters: list[Statistic], similarity: Similar
     else:
         sims = torch.stack([subspace_similarity(bases(P.B), bases(Q.B)) for P, Q in zip(probe, clusters)]).mean(0)
     return sims.argmax(dim=1)
+
+
+# --- the scalable path: projected statistics, a sparse k-NN graph, sparse spectral clustering ----
+# The exact path compares every pair of clients on every matrix (N² Grams of p x r): about 10
+# minutes at 10³ clients and most of a day at 10⁴ on one thread. The scalable path
+#
+#   1. projects each client's statistic on matrix m from p to `width` rows by a shared Gaussian
+#      map G_m (Johnson-Lindenstrauss; keyed by (seed, m), the same on every rank and for every
+#      client, so clients can be projected in blocks, or where they live), which keeps inner
+#      products of columns in expectation: principal angles are taken between the column spaces
+#      of G_mᵀ B (an orthonormal basis by QR, ||V_iᵀV_j||² / r, biased up by about r / width for
+#      every pair alike), cosines between G_mᵀ B (and A H_m for the product statistic);
+#   2. finds each client's `candidates` most similar clients through a second, small two-sided
+#      sketch of the projected products summed over matrices (`size`² numbers per client, one
+#      blocked matrix product over all pairs);
+#   3. scores the candidate pairs on the projected statistics, keeps each client's `neighbors`
+#      best, and runs the eigengap and spectral clustering on that sparse symmetric graph
+#      (ARPACK for the leading eigenvectors of D^-1/2 S D^-1/2, k-means on their rows).
+# Memory and the dominant cost are O(N · M · width · r) and O(N · candidates · M · width · r);
+# the only N² term is step 2's product over `size`² = 1024 numbers per client.
+
+def project_statistics(per_matrix: list[Statistic], *, similarity: Similarity = "subspace", width: int = 64,
+                       seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Per matrix, (kind, L, R) float32 factors whose similarity estimates the exact path's:
+        subspace  ("square"):  L = qr(G_mᵀ B) [N, width, r],   sim = ||L_iᵀ L_j||² / r
+        cosine B  ("linear"):  L = G_mᵀ B / ||B||,             sim = <L_i, L_j>
+        cosine BA ("product"): L = G_mᵀ B / ||B A||, R = A H_m, sim = <L_i R_i, L_j R_j>
+    with G, H of N(0, 1/width) entries keyed by (seed, m). Row i depends on client i alone."""
+    from ..rng import Purpose, keyed_torch_generator
+
+    out = []
+    for m, stat in enumerate(per_matrix):
+        g = keyed_torch_generator(seed, m, purpose=Purpose.CLUSTER_SKETCH)
+        B = stat.B.float()
+        G = torch.randn(B.shape[1], width, generator=g) / math.sqrt(width)
+        L = torch.einsum("npq,pw->nwq", B, G)
+        if similarity == "subspace":
+            out.append(("square", torch.linalg.qr(L)[0].contiguous(), None))
+            continue
+        norm = _frobenius(stat.B.double(), None if stat.A is None else stat.A.double()).clamp_min(1e-300).float()
+        L = (L / norm.view(-1, 1, 1)).contiguous()
+        if stat.A is None:
+            out.append(("linear", L, None))
+        else:
+            H = torch.randn(stat.A.shape[-1], width, generator=g) / math.sqrt(width)
+            out.append(("product", L, (stat.A.float() @ H).contiguous()))
+    return out
+
+
+def _coarse(projected, *, size: int, seed: int) -> torch.Tensor:
+    """`[N, size²]`: Σ_m a two-sided sketch of each client's projected statistic (of L Lᵀ, L or
+    L R) / √M, for the candidate search."""
+    from ..rng import Purpose, keyed_torch_generator
+
+    n = len(projected[0][1])
+    out = torch.zeros(n, size * size)
+    for m, (kind, L, R) in enumerate(projected):
+        g = keyed_torch_generator(seed, 10 ** 6 + m, purpose=Purpose.CLUSTER_SKETCH)
+        S = torch.randn(L.shape[1], size, generator=g) / math.sqrt(size)
+        SL = torch.einsum("nwq,ws->nsq", L, S)
+        if kind == "square":
+            right = SL.mT / math.sqrt(L.shape[-1])
+        else:
+            T = torch.randn(L.shape[-1] if R is None else R.shape[-1], size, generator=g) / math.sqrt(size)
+            right = T.expand(n, *T.shape) if R is None else R @ T
+        out += (SL @ right).flatten(1)
+    return out / math.sqrt(len(projected))
+
+
+def _pair_similarity(projected, i: np.ndarray, j: np.ndarray) -> torch.Tensor:
+    """mean_m sim(i, j) for rows `i [b]` against their candidates `j [b, c]` -> `[b, c]`."""
+    b, c = j.shape
+    ti, tj = torch.as_tensor(i), torch.as_tensor(j).reshape(-1)
+    total = torch.zeros(b, c, dtype=torch.float64)
+    for kind, L, R in projected:
+        q = L.shape[-1]
+        Li = L[ti]                                                        # [b, w, q]
+        Lj = L[tj].view(b, c, *L.shape[1:]).mT.reshape(b, c * q, L.shape[1])  # [b, c q, w]
+        X = (Lj @ Li).view(b, c, q, q)                                    # L_jᵀ L_i
+        if kind == "square":
+            total += X.square().sum((2, 3)).double() / q
+        elif kind == "linear":
+            total += X.diagonal(dim1=2, dim2=3).sum(-1).double()
+        else:
+            Rj = R[tj].view(b, c * q, R.shape[-1])                        # [b, c q, w]
+            Y = (Rj @ R[ti].mT).view(b, c, q, q)                          # R_j R_iᵀ
+            total += (X * Y).sum((2, 3)).double()
+    return total / len(projected)
+
+
+def _neighbours(projected, *, neighbors: int, candidates: int, size: int, seed: int,
+                block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Each client's `neighbors` most similar others: `candidates` by the coarse sketch, then
+    ranked on the projected statistics. Returns (indices, similarities) `[N, neighbors]`."""
+    coarse = _coarse(projected, size=size, seed=seed)
+    n = len(coarse)
+    c = min(max(candidates, neighbors), n - 1)
+    k = min(neighbors, c)
+    idx = np.empty((n, k), dtype=np.int64)
+    sim = np.empty((n, k), dtype=np.float64)
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        s = coarse[lo:hi] @ coarse.T
+        s[torch.arange(hi - lo), torch.arange(lo, hi)] = -math.inf
+        cand = torch.topk(s, c, dim=1).indices.numpy()
+        fine = _pair_similarity(projected, np.arange(lo, hi), cand)
+        top = torch.topk(fine, k, dim=1)
+        idx[lo:hi] = np.take_along_axis(cand, top.indices.numpy(), 1)
+        sim[lo:hi] = top.values.numpy()
+    return idx, sim
+
+
+@dataclass(frozen=True)
+class SketchedClustering:
+    labels: np.ndarray
+    """`[N]` cluster id per client, numbered by first appearance in client order."""
+    count: int
+    """K*, chosen by the eigengap of the sparse graph's normalised Laplacian."""
+    affinity: object
+    """`[N, N]` scipy.sparse CSR: the Gaussian kernel on the symmetric k-NN graph (diagonal 1)."""
+
+
+def cluster_projected(projected, *, k_min: int, k_max: int, neighbors: int = 10, candidates: int = 0,
+                      sigma: float = 0.0, sigma_scale: float = 1.0, size: int = 32, seed: int = 0) -> SketchedClustering:
+    """LSAC on projected statistics (`project_statistics`, clients concatenated): d_ij = 1 - sim_ij
+    on the symmetric `neighbors`-NN graph, S_ij = exp(-d_ij² / 2σ²) with σ = `sigma_scale` x the
+    median distance of a seeded sample of 5,000 pairs unless given, the eigengap of the
+    normalised Laplacian's smallest eigenvalues, k-means on the leading eigenvectors' rows."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import eigsh
+    from sklearn.cluster import KMeans
+
+    from ..rng import Purpose, keyed_rng
+
+    n = len(projected[0][1])
+    if n <= max(k_min, 2):
+        return SketchedClustering(np.zeros(n, dtype=np.int64), 1, sp.identity(n, format="csr"))
+    if sigma <= 0:
+        rng = keyed_rng(seed, n, purpose=Purpose.CLUSTER_SKETCH)
+        i, j = rng.integers(0, n, 5000), rng.integers(0, n, 5000)
+        keep = i != j
+        d_pairs = (1.0 - _pair_similarity(projected, i[keep], j[keep][:, None])[:, 0]).clamp_min(0).numpy()
+        d_pairs = d_pairs[d_pairs > 0]
+        sigma = sigma_scale * float(np.median(d_pairs)) if d_pairs.size else 1.0
+    idx, sim = _neighbours(projected, neighbors=neighbors, candidates=candidates or 3 * neighbors, size=size,
+                           seed=seed)
+    d = np.clip(1.0 - sim, 0.0, None)
+    weights = np.exp(-np.square(d) / (2.0 * sigma ** 2))
+    rows = np.repeat(np.arange(n), idx.shape[1])
+    S = sp.csr_matrix((weights.ravel(), (rows, idx.ravel())), shape=(n, n))
+    S = S.maximum(S.T) + sp.identity(n, format="csr")        # j among i's neighbours or i among j's
+    inv = sp.diags(1.0 / np.sqrt(np.asarray(S.sum(1)).ravel()))
+    want = min(k_max + 1, n - 1)
+    normed = (inv @ S @ inv).tocsr()
+    if n <= 1000:  # small graphs: the dense solver (ARPACK wants k well below n)
+        values, vectors = np.linalg.eigh(normed.toarray())
+        values, vectors = values[-want:], vectors[:, -want:]
+    else:
+        values, vectors = eigsh(normed, k=want, which="LA",
+                                v0=keyed_rng(seed, 1, purpose=Purpose.CLUSTER_SKETCH).standard_normal(n))
+    order = np.argsort(-values)
+    mu, vectors = 1.0 - values[order], vectors[:, order]      # Laplacian eigenvalues ascending
+    ks = range(k_min, min(k_max, want - 1) + 1)
+    count = max(ks, key=lambda k: mu[k] - mu[k - 1]) if ks else 1
+    if count == 1:
+        return SketchedClustering(np.zeros(n, dtype=np.int64), 1, S)
+    embed = vectors[:, :count] / np.linalg.norm(vectors[:, :count], axis=1, keepdims=True).clip(1e-12)
+    labels = KMeans(n_clusters=count, n_init=10, random_state=seed).fit_predict(embed)
+    return SketchedClustering(_first_appearance(np.asarray(labels)), count, S)
+
+
+def cluster_clients_scalable(per_matrix: list[Statistic], *, k_min: int, k_max: int,
+                             similarity: Similarity = "subspace", sigma: float = 0.0, sigma_scale: float = 1.0,
+                             neighbors: int = 10, seed: int = 0, width: int = 64,
+                             block: int = 512) -> SketchedClustering:
+    """`cluster_clients` for large federations: `project_statistics` (clients in blocks of
+    `block`), then `cluster_projected` on the k-NN graph (no dense kernel: `neighbors` >= 1)."""
+    n = len(per_matrix[0].B)
+    parts = []
+    for lo in range(0, n, block):
+        part = [Statistic(s.B[lo:lo + block], None if s.A is None else s.A[lo:lo + block]) for s in per_matrix]
+        parts.append(project_statistics(part, similarity=similarity, width=width, seed=seed))
+    projected = [(parts[0][m][0], torch.cat([p[m][1] for p in parts]), None if parts[0][m][2] is None else
+                  torch.cat([p[m][2] for p in parts])) for m in range(len(per_matrix))]
+    return cluster_projected(projected, k_min=k_min, k_max=k_max, neighbors=max(1, neighbors), sigma=sigma,
+                             sigma_scale=sigma_scale, seed=seed)
