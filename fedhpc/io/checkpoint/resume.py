@@ -43,7 +43,8 @@ def find_resumable(run_dir: str | Path, *, comm, say=print) -> Path | None:
     return Path(choice) if choice else None
 
 
-MAY_CHANGE_ON_RESUME = ("rounds", "device", "out_dir", "name", "train.clients_per_pass", "checkpoint.")
+MAY_CHANGE_ON_RESUME = ("rounds", "device", "out_dir", "name", "train.clients_per_pass", "checkpoint.",
+                        "store.memory_cap_mb")
 """Config keys a resumed run may change: none of them alters the numbers of the rounds already run."""
 
 
@@ -66,8 +67,8 @@ def resume_config(stored: dict, requested: dict, *, saved_round: int) -> dict:
         if key.startswith(MAY_CHANGE_ON_RESUME) or old.get(key) == new.get(key):
             continue
         raise CheckpointError(f"{key}: {new.get(key)!r} differs from the checkpoint's {old.get(key)!r}; a resumed "
-                              f"run keeps its config (only rounds, device, train.clients_per_pass and "
-                              f"checkpoint.* may change): use a new run name to change it")
+                              f"run keeps its config (only rounds, device, train.clients_per_pass, "
+                              f"store.memory_cap_mb and checkpoint.* may change): use a new run name to change it")
     if requested["rounds"] < saved_round:
         raise CheckpointError(f"rounds: {requested['rounds']} but the checkpoint is at round {saved_round}")
     out = yaml.safe_load(yaml.safe_dump(requested))
