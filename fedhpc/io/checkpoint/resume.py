@@ -58,14 +58,30 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _defaults(requested: dict) -> dict:
+    """Every config key's default for the requested strategy (flattened); {} if unavailable."""
+    try:
+        from ...config import to_dict
+        from ...configtree import build
+        from ...config import ExperimentConfig
+
+        name = requested.get("strategy", {}).get("name")
+        return _flatten(yaml.safe_load(yaml.safe_dump(to_dict(build(ExperimentConfig, {"strategy": {"name": name}})))))
+    except Exception:  # noqa: BLE001  (best effort: without defaults every difference is reported)
+        return {}
+
+
 def resume_config(stored: dict, requested: dict, *, saved_round: int) -> dict:
     """The config of a resumed run: `requested`, which must equal the checkpoint's `stored` one
     except for MAY_CHANGE_ON_RESUME (`train.clients_per_pass: 0` keeps the probed value)."""
     old = _flatten(yaml.safe_load(yaml.safe_dump(stored)))
     new = _flatten(yaml.safe_load(yaml.safe_dump(requested)))
+    defaults = _defaults(requested)
     for key in sorted(old.keys() | new.keys()):
         if key.startswith(MAY_CHANGE_ON_RESUME) or old.get(key) == new.get(key):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key added to fedhpc after the checkpoint was written, at its default
         raise CheckpointError(f"{key}: {new.get(key)!r} differs from the checkpoint's {old.get(key)!r}; a resumed "
                               f"run keeps its config (only rounds, device, train.clients_per_pass, "
                               f"store.memory_cap_mb and checkpoint.* may change): use a new run name to change it")
