@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -90,6 +91,8 @@ def _convert(value: Any, tp, key: str):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no option means anything by NaN or infinity
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is int:
@@ -127,7 +130,24 @@ def build(cls: type, data: dict | None, *, prefix: str = ""):
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+        key = _culprit(cls, kwargs)
+        if key is None:
+            raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+        value = kwargs[key]
+        shown = "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+        raise ConfigError(f"{prefix}{key}{shown}: {err}") from None
+
+
+def _culprit(cls: type, kwargs: dict) -> str | None:
+    """The key whose value `cls`'s checks refuse: the first given key that, left at its default,
+    lets the section build (None when no single key does, e.g. two values that must agree)."""
+    for key in kwargs:
+        try:
+            cls(**{k: v for k, v in kwargs.items() if k != key})
+        except (ValueError, TypeError):
+            continue
+        return key
+    return None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -137,7 +157,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         path, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path.strip()}: {raw!r} is not a YAML value ({str(err).splitlines()[0]}); "
+                              f"quote the whole override, e.g. '{path.strip()}={{a: 1, b: 2}}'") from None
         node = data
         *parents, leaf = path.strip().split(".")
         for part in parents:
