@@ -98,6 +98,8 @@ class ExperimentConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.model.family == "timm":
             size = self.model.kwargs.setdefault("img_size", self.data.image_size)
             if size != self.data.image_size:

@@ -98,6 +98,8 @@ class FedGaLoreConfig(StrategyConfig):
         if not 0.0 <= self.profile_ema < 1.0 or self.scale <= 0 or self.ajive_samples < 1 or self.ajive_signal_rank < 0:
             raise ValueError("strategy.profile_ema must lie in [0, 1), scale > 0, ajive_samples >= 1, "
                              "ajive_signal_rank >= 0")
+        if self.ajive_delta < 0:
+            raise ValueError(f"strategy.ajive_delta must be >= 0 (θ = K − ajive_delta), got {self.ajive_delta}")
 
 
 @register_strategy("fedgalore")

@@ -130,8 +130,10 @@ class HiLoRAConfig(StrategyConfig):
             raise ValueError(f"sigma_scale and leaf_lr_scale must be > 0, got {self.sigma_scale}, {self.leaf_lr_scale}")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
-        if min(self.gamma_cluster, self.gamma_leaf, self.root_tau, self.affinity_neighbors) < 0:
-            raise ValueError("gamma_cluster, gamma_leaf, root_tau and affinity_neighbors must be >= 0")
+        if min(self.gamma_cluster, self.gamma_leaf, self.root_tau, self.affinity_neighbors, self.sigma,
+               self.clustering_seed) < 0:
+            raise ValueError("gamma_cluster, gamma_leaf, root_tau, affinity_neighbors, sigma and clustering_seed "
+                             "must be >= 0")
         if self.clustering not in ("auto", "exact", "scalable"):
             raise ValueError(f"clustering must be auto, exact or scalable, got {self.clustering!r}")
         if min(self.scalable_above, self.scalable_neighbors, self.scalable_width) < 1:

@@ -71,6 +71,8 @@ class ILoRAConfig(StrategyConfig):
     def __post_init__(self):
         if self.init_scale <= 0 or self.control_population < 0:
             raise ValueError("init_scale must be > 0 and control_population >= 0")
+        if self.compensation < 0:
+            raise ValueError(f"compensation must be >= 0 (W_base = W0 − compensation · B A), got {self.compensation}")
 
 
 def qr_factors(part, weights, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,8 @@ class OptimConfig:
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError(f"weight_decay must be >= 0 and eps > 0, got {self.weight_decay}, {self.eps}")
 
 
 def clip_per_client(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
