@@ -100,6 +100,9 @@ def make_world(comm, *, num_clients: int, device: str = "auto") -> World:
     # core instead oversubscribes them, and OpenMP's spinning workers then slow both ~10x).
     threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
     torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // local_size))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but torch sees no GPU on this machine (no CUDA build or "
+                         "driver, or CUDA_VISIBLE_DEVICES empty); use device=auto or device=cpu")
     dev = _device(local_index) if device == "auto" else torch.device(device)
     start, stop = block_range(num_clients, size, rank)
     return World(comm, rank, size, dev, np.arange(start, stop))
