@@ -6,6 +6,7 @@ A plain install is pure Python (CPU, Triton kernels run on any GPU torch sees).
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -56,16 +57,18 @@ ext_modules, cmdclass = cuda_extensions()
 
 setup(
     name="fedhpc",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+?)"', open("fedhpc/__init__.py").read()).group(1),
     description="MPI-based HPC simulator for federated LoRA fine-tuning of foundation models",
     packages=find_packages(include=["fedhpc", "fedhpc.*"]),
     package_data={"fedhpc": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch", "timm", "peft", "transformers", "safetensors", "h5py", "mpi4py",
-        "numpy", "scipy", "scikit-learn", "pyyaml",
+        "mpich",  # the MPI library mpi4py loads (a cluster's own MPI: see the README's Slurm section)
+        "numpy", "scipy", "scikit-learn", "pyyaml", "pillow",
     ],
-    extras_require={"triton": ["triton"], "plots": ["matplotlib"]},
+    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "hf": ["datasets"],
+                    "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["fedhpc = fedhpc.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
