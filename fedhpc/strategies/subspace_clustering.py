@@ -234,7 +234,7 @@ def project_statistics(per_matrix: list[Statistic], *, similarity: Similarity = 
         g = keyed_torch_generator(seed, m, purpose=Purpose.CLUSTER_SKETCH)
         B = stat.B.float()
         G = torch.randn(B.shape[1], width, generator=g) / math.sqrt(width)
-        L = torch.einsum("npq,pw->nwq", B, G)
+        L = (B.mT.contiguous() @ G).mT                    # G_mᵀ B as one [(N q), p] x [p, w] product
         if similarity == "subspace":
             out.append(("square", torch.linalg.qr(L)[0].contiguous(), None))
             continue
