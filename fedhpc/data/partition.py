@@ -223,7 +223,8 @@ def partition_clients(labels: np.ndarray, cfg: PartitionConfig, *, num_clients: 
                                           alpha=cfg.alpha, rng=rng)
     elif cfg.kind == "domain":
         if domains is None:
-            raise ValueError("partition.kind='domain' needs a data set with domains (domainnet)")
+            raise ValueError("partition.kind='domain' needs a data set with domains (domainnet; data.domains for folder, "
+                             "data.columns.domain for hf, train_domain for python)")
         parts, groups = domain_partition(domains, labels, num_clients=num_clients,
                                          within=cfg.within_domain, alpha=cfg.alpha, rng=rng)
     else:
