@@ -180,21 +180,27 @@ class PagedStore(RowSource):
 
     # --- RowSource (streamed checkpoints) and restoring ----------------------------------------
     def read(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        """Rows [lo, hi) in the stored dtype, on CPU: one pread for the run, then cached rows over it."""
-        raw = os.pread(self.fd, (hi - lo) * self.record, lo * self.record) if self.written[lo:hi].any() else b""
-        raw = raw.ljust((hi - lo) * self.record, b"\0")
-        out = {k: torch.empty((hi - lo, *self.spec[k][0]), dtype=self.spec[k][1]) for k in self.keys}
-        for j in range(hi - lo):
-            i = lo + j
-            hit = self.cache.get(i)
-            if hit is not None:
-                row = hit[0]
-            elif self.written[i]:
-                row = self._decode(memoryview(raw)[j * self.record:(j + 1) * self.record])
-            else:
-                row = self.init
+        """Rows [lo, hi) in the stored dtype, on CPU: one pread for the run, decoded per key as
+        column slices of the [rows, record] bytes, then cached and never-written rows over it."""
+        n = hi - lo
+        raw = os.pread(self.fd, n * self.record, lo * self.record) if self.written[lo:hi].any() else b""
+        table = np.zeros((n, self.record), dtype=np.uint8)
+        if raw:
+            got = np.frombuffer(raw, dtype=np.uint8)
+            table.reshape(-1)[:len(got)] = got
+        out, at = {}, 0
+        for k, size in zip(self.keys, self.sizes):
+            shape, dtype = self.spec[k]
+            column = table[:, at:at + size].copy()
+            out[k] = torch.from_numpy(column).view(dtype).view(n, *shape)
+            at += size
+        for j in np.flatnonzero(~self.written[lo:hi]):
             for k in self.keys:
-                out[k][j] = row[k]
+                out[k][j] = self.init[k]
+        for i, (row, _) in self.cache.items():
+            if lo <= i < hi:
+                for k in self.keys:
+                    out[k][i - lo] = row[k]
         return out
 
     def write_rows(self, lo: int, values: dict[str, torch.Tensor]) -> None:
