@@ -73,6 +73,21 @@ def _resolve(args, comm):
 
 
 def _run(args) -> int:
+    from .runtime.preempt import PreemptionGuard
+
+    # First thing: a SIGTERM / SIGUSR1 during start-up stops the run after round 1 with a checkpoint,
+    # and, as the program (`fedhpc run`, `python -m fedhpc run`), one after the last round no longer
+    # kills a finished run: the handlers stay until the process exits. Called from Python
+    # (`main([...])`), the caller's handlers come back when the run returns.
+    guard = PreemptionGuard().__enter__()
+    try:
+        return _run_guarded(args, guard)
+    finally:
+        if not args.program:
+            guard.__exit__(None, None, None)
+
+
+def _run_guarded(args, guard) -> int:
     from mpi4py import MPI
 
     from .runtime.world import check_launch
@@ -92,7 +107,7 @@ def _run(args) -> int:
     except (ConfigError, CheckpointError) as err:
         return _fail(str(err), code=2, comm=comm)
     try:
-        run(cfg, comm=comm, progress=not args.quiet, resume=resume)
+        run(cfg, comm=comm, progress=not args.quiet, resume=resume, guard=guard)
     except Preempted as stop:
         if comm.Get_rank() == 0:
             print(f"fedhpc: {stop}", flush=True)
@@ -189,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p_bench.set_defaults(func=_bench)
     args, extra = parser.parse_known_args(argv)
+    args.program = argv is None  # the command line, not a call from Python
     # overrides may come after options (`run cfg.yaml --quiet a.b=1`): argparse leaves them over
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and args.command != "run"):

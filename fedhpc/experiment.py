@@ -28,7 +28,7 @@ from .runtime.world import local_rank
 from .store import MB, default_cap_bytes, make_store
 from .runtime.exchange import modelled_bytes
 from .runtime.faults import RoundFaults, agree_diverged, check_server, draw_faults, nonfinite_clients
-from .runtime.preempt import Preempted, PreemptionGuard
+from .runtime.preempt import Preempted, PreemptionGuard, hold_for_signal
 from .runtime.reduce import Reduction, allreduce_sum
 from .strategies import RoundPlan
 from .train.local import split_passes
@@ -60,9 +60,14 @@ class _State:
     first: int = 1
 
 
-def run(cfg: ExperimentConfig, *, comm, progress: bool = True, resume: str | Path | None = None) -> dict:
+def run(cfg: ExperimentConfig, *, comm, progress: bool = True, resume: str | Path | None = None,
+        guard: PreemptionGuard | None = None) -> dict:
     """Run one experiment, or continue it from the checkpoint file `resume`; returns the summary
-    (identical on every rank). SIGTERM / SIGUSR1 end it early with a checkpoint (`Preempted`)."""
+    (identical on every rank). SIGTERM / SIGUSR1 end it early with a checkpoint (`Preempted`):
+    caught by `guard` (`fedhpc run` installs one for the whole process), else by one entered for
+    the run's duration."""
+    if guard is not None:
+        return _run(cfg, comm=comm, progress=progress, resume=resume, guard=guard)
     with PreemptionGuard() as guard:
         return _run(cfg, comm=comm, progress=progress, resume=resume, guard=guard)
 
@@ -88,6 +93,7 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
     for round_index in range(s.first, cfg.rounds + 1):
         metrics = _round(r, s, round_index, out)
         bar.round(round_index, metrics)
+        hold_for_signal(guard, round_index, comm=comm, say=lambda line: r.world.is_root and print(line, flush=True))
         preempted = guard.agreed(comm=comm)  # every rank agrees; then checkpoint in the background
         if checkpoints.due(round_index) or preempted:
             path = checkpoints.save(round_index, server=s.server, clients=_rows(s.store),

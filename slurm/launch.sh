@@ -10,6 +10,18 @@
 # other failure ends the job, so a broken run is not requeued forever. Preemption, `scontrol
 # requeue` and `scancel` send SIGTERM to every process of the job instead: fedhpc checkpoints
 # the same way, and Slurm requeues (or cancels) the job itself.
+#
+# Three things keep this independent of timing:
+# - this shell traps SIGTERM: untrapped, bash dies at once, the batch step ends under the ranks
+#   and they may be killed before their checkpoint. Trapped, bash waits for srun (traps run once
+#   the foreground command has ended), while slurmstepd gives the ranks KillWait seconds (default
+#   30; GraceTime for preemption) before SIGKILL. srun itself answers SIGTERM with "forcing job
+#   termination", which still leaves the ranks that grace period.
+# - after SIGTERM the script never requeues: Slurm is already requeueing (preemption, `scontrol
+#   requeue`) or cancelling (`scancel`) the job, and a second requeue would race the first.
+# - fedhpc catches SIGTERM / SIGUSR1 from its first line to its exit (runtime/preempt.py): a
+#   signal during start-up or after the last round is never fatal, so a status other than 0 or 75
+#   is a real failure, never a signal that arrived at the wrong moment.
 
 if (($#)); then CONFIG=$1; OVERRIDES=("${@:2}"); fi
 if [[ -z ${PYTHON:-} ]]; then
@@ -38,12 +50,17 @@ world=$(fnv1a "${SLURM_JOB_ID}.1")
 srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
      sh -c "rm -f /dev/shm/mpich_shm_${world}_* /dev/shm/mpich_vci_${world}_*"
 
+terminated=0
+trap 'terminated=1' TERM
 # --wait: if a rank dies, the others are ended a minute later instead of waiting in MPI forever.
 srun --mpi="${MPI_PLUGIN:-pmi2}" --wait=60 "$PYTHON" -m fedhpc run "$CONFIG" "${OVERRIDES[@]}" \
      ${RESUME:+--resume "$RESUME"}
 status=$?
-if [[ $status == 75 ]]; then
+if [[ $status == 75 && $terminated == 1 ]]; then
+    echo "fedhpc: checkpoint written after SIGTERM; Slurm requeues or cancels job ${SLURM_JOB_ID} itself"
+elif [[ $status == 75 ]]; then
     echo "fedhpc: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint"
-    scontrol requeue "${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}" || echo "fedhpc: error: scontrol requeue ${SLURM_JOB_ID} failed; resubmit" \
+        "the job (it resumes with --resume auto)" >&2
 fi
 exit "$status"
