@@ -211,9 +211,13 @@ def test_mpiexec_inside_a_job_gets_distinct_local_ranks(slurm, tmp_path):
 
 @pytest.mark.parametrize("interrupt", ["scontrol requeue", "time-limit warning"])
 def test_interrupted_job_resumes_to_the_uninterrupted_summary(slurm, reference, tmp_path, interrupt):
-    log, metrics = tmp_path / "job.log", tmp_path / "quickstart" / "metrics.jsonl"
-    job = _sbatch(slurm, log, "slurm/cpu.sbatch", *RUN, "checkpoint.every=1", f"out_dir={tmp_path}")
-    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "round 1")
+    """Deterministic: the run holds after round 1 until it is signalled (FEDHPC_HOLD_AFTER_ROUND,
+    fedhpc/runtime/preempt.py), so the interrupt always lands in the middle of the run, and the
+    first start must end with round 1's checkpoint, whatever the machine's speed."""
+    log = tmp_path / "job.log"
+    env = {**slurm, "FEDHPC_HOLD_AFTER_ROUND": "1"}  # sbatch exports it to the job and its restart
+    job = _sbatch(env, log, "slurm/cpu.sbatch", *RUN, "checkpoint.every=1", f"out_dir={tmp_path}")
+    _wait_for(lambda: log.exists() and "fedhpc: holding after round 1" in log.read_text(), "the hold after round 1")
     if interrupt == "scontrol requeue":  # what preemption does: SIGTERM to every process, then requeue
         assert _slurm(slurm, "scontrol", "requeue", job).returncode == 0
     else:  # what --signal=USR1@<s> does before the time limit; slurm/launch.sh requeues
@@ -222,6 +226,11 @@ def test_interrupted_job_resumes_to_the_uninterrupted_summary(slurm, reference, 
     text = log.read_text()
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-3000:]
     first, second = text.split(f"job {job} start 2")
-    assert "fedhpc: preempted after round" in first and "fedhpc: done" not in first, text[-3000:]
-    assert "fedhpc: resumed from" in second and "fedhpc: done" in second, text[-3000:]
+    checkpoint = tmp_path / "quickstart" / "checkpoints" / "round-000001.h5"
+    assert (f"fedhpc: preempted after round 1; checkpoint {checkpoint}; resume with --resume auto" in first
+            and "fedhpc: done" not in first), text[-3000:]
+    script = ("fedhpc: checkpoint written after SIGTERM; Slurm requeues" if interrupt == "scontrol requeue"
+              else f"fedhpc: requeueing job {job}")
+    assert script in first, text[-3000:]  # srun's own "forcing job termination" on SIGTERM leaves the ranks KillWait
+    assert f"fedhpc: resumed from {checkpoint} (round 1 of 3)" in second and "fedhpc: done" in second, text[-3000:]
     _close(_summary(tmp_path), reference)
