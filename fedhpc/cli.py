@@ -75,15 +75,22 @@ def _resolve(args, comm):
 def _run(args) -> int:
     from .runtime.preempt import PreemptionGuard
 
-    # First thing: a SIGTERM / SIGUSR1 during start-up stops the run after round 1 with a checkpoint,
-    # and, as the program (`fedhpc run`, `python -m fedhpc run`), one after the last round no longer
-    # kills a finished run: the handlers stay until the process exits. Called from Python
-    # (`main([...])`), the caller's handlers come back when the run returns.
+    # First thing: a SIGTERM / SIGUSR1 during start-up stops the run after round 1 with a checkpoint.
+    # As the program (`fedhpc run`, `python -m fedhpc run`), once the run is over (done, preempted or
+    # failed) the signals are ignored until the process has exited, so one that arrives while it
+    # finalizes (MPI, torch: seconds) cannot turn its exit status 0 or 75 into "killed by a signal"
+    # (Python resets the handlers it set to the default, fatal, action while it finalizes, but not
+    # SIG_IGN). Called from Python (`main([...])`), the caller's handlers come back instead.
     guard = PreemptionGuard().__enter__()
     try:
         return _run_guarded(args, guard)
     finally:
-        if not args.program:
+        if args.program:
+            import signal
+
+            for sig in guard.previous:
+                signal.signal(sig, signal.SIG_IGN)
+        else:
             guard.__exit__(None, None, None)
 
 
