@@ -142,6 +142,19 @@ def test_fim_probabilities_are_sorted_kmeans_levels():
     np.testing.assert_allclose(fim_probabilities(np.array([1.0, 5.0, 5.0])), np.array([2, 3, 3]) / 8)  # 2 clusters
 
 
+@pytest.mark.parametrize("persist", [True, False])
+def test_fim_probabilities_apply_in_their_round_and_with_persist_after_it(persist):
+    s = _strategy(allocation="fim", pattern="triangle", persist=persist, fim_start=6, fim_every=5)
+    server = s.init_server({k: torch.zeros(1, *v) for k, v in SHAPES.items()}, frozen={})
+    prior = geometric_prior("triangle", 3)
+    assert [s.is_fim_round(t) for t in range(1, 17)] == [t in (6, 11, 16) for t in range(1, 17)]
+    np.testing.assert_array_equal(s.probabilities(server, 6), prior)  # no scores yet
+    server = {**server, "fedhello.fim_probs": torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64),
+              "fedhello.fim_round": torch.tensor([6])}
+    np.testing.assert_array_equal(s.probabilities(server, 6), [0.2, 0.2, 0.6])
+    np.testing.assert_array_equal(s.probabilities(server, 7), [0.2, 0.2, 0.6] if persist else prior)
+
+
 # --- aggregation and bytes ------------------------------------------------------------------------
 def _aggregate(s, server, participants, trained, passes):
     plan = s.configure_train(server, participants, np.arange(s.population.size))
