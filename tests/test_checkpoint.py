@@ -101,12 +101,15 @@ def reference(tmp_path_factory):
     return out / "quickstart"
 
 
-def _launch(n: int, args: list[str]) -> subprocess.Popen:
+def _launch(n: int, args: list[str], hold: int = 0) -> subprocess.Popen:
+    """`fedhpc` under mpiexec; `hold`: the run waits after that round until a rank is signalled
+    (FEDHPC_HOLD_AFTER_ROUND, runtime/preempt.py), so a test interrupts it at a known round."""
     launcher = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     if launcher is None:
         pytest.skip("mpiexec not found (pip install mpich)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"FEDHPC_HOLD_AFTER_ROUND": str(hold)} if hold else {})}
     return subprocess.Popen([launcher, "-n", str(n), sys.executable, "-m", "fedhpc", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int:
@@ -143,9 +146,9 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300):
 
 def test_sigkill_of_a_rank_then_resume_on_fewer_ranks(reference, tmp_path):
     args = ["run", CONFIG, *TINY, *LONG, f"out_dir={tmp_path}", "checkpoint.every=1", "--quiet"]
-    proc = _launch(4, args)
-    ckpts = tmp_path / "quickstart" / "checkpoints"
-    _wait_for(lambda: (ckpts / "round-000002.h5").exists(), proc)
+    proc = _launch(4, args, hold=2)  # waits after round 2 (before its checkpoint): the kill always lands mid-run
+    ckpts, metrics = tmp_path / "quickstart" / "checkpoints", tmp_path / "quickstart" / "metrics.jsonl"
+    _wait_for(lambda: (ckpts / "round-000001.h5").exists() and metrics.read_text().count("\n") >= 2, proc)
     os.kill(_rank_pid(proc.pid, 0), signal.SIGKILL)  # rank 0 is the checkpoint writer: the hardest case
     proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -162,7 +165,7 @@ def test_sigkill_of_a_rank_then_resume_on_fewer_ranks(reference, tmp_path):
 
 def test_sigterm_checkpoints_exits_75_and_resumes_identically(reference, tmp_path):
     args = ["run", CONFIG, *TINY, *LONG, f"out_dir={tmp_path}", "checkpoint.every=0"]
-    proc = _launch(2, args)
+    proc = _launch(2, args, hold=1)  # waits after round 1 until signalled: never finishes first
     metrics = tmp_path / "quickstart" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # one rank signalled: the ranks agree on it
@@ -172,7 +175,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(reference, tmp_pat
     stopped = int(line.split("after round ")[1].split(";")[0])
     path = tmp_path / "quickstart" / "checkpoints" / f"round-{stopped:06d}.h5"
     assert line == f"fedhpc: preempted after round {stopped}; checkpoint {path}; resume with --resume auto"
-    assert 1 <= stopped < 4 and all(ok for *_, ok in verify(path))
+    assert stopped == 1 and all(ok for *_, ok in verify(path))
     assert not (tmp_path / "quickstart" / "summary.json").exists()
     # the job script's next attempt: same command, --resume auto, on another rank count
     resumed = subprocess.run([sys.executable, "-m", "fedhpc", *args, "--resume", "auto", "--quiet"], cwd=REPO,
