@@ -2,6 +2,10 @@
 the tensors each method's client plan actually holds, and the bytes of one round on the wire.
 
     OMP_NUM_THREADS=1 python bench/fedgalore_memory.py [configs/fedgalore.yaml] [dotted overrides ...]
+    # a ViT-B-sized backbone (the labels do not matter here: the latent teacher skips labelling)
+    OMP_NUM_THREADS=1 python bench/fedgalore_memory.py configs/fedgalore.yaml lora.r=8 \
+        "model.kwargs={img_size: 32, patch_size: 8, depth: 12, embed_dim: 768, num_heads: 12}" \
+        data.planted.teacher=latent data.planted.root_rank=0 data.planted.label_skew=0
 
 Per client, in float32 bytes: the trained tensors, fixed per-client tensors (FedGaLore's projector),
 the optimizer state (Adam's two moments; FedGaLore's live in projected coordinates), and the peak of
