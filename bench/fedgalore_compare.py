@@ -36,7 +36,7 @@ METHODS = {
     "fedsa_lora": ["strategy.name=fedsa_lora"],
     "fedex_lora": ["strategy.name=fedex_lora"],
 }
-LR_GRID = (0.001, 0.003, 0.01)
+LR_GRID = (0.001, 0.003, 0.01, 0.03)
 TUNING_SEEDS, TUNING_SKEW = (100, 101), 0.1
 REPORTED_SEEDS, REPORTED_SKEWS = (0, 1, 2), (0.1, 0.5)
 FIELDS = ("global_accuracy", "personalized_mean", "final_train_loss", "bytes_up", "bytes_down", "joint_rank")
@@ -132,6 +132,25 @@ def table(out: Path) -> str:
                      + " | ".join(_fmt([r["personalized_mean"] for r in rows[a]]) for a in REPORTED_SKEWS)
                      + f" | {per_round('bytes_up'):.1f} | {per_round('bytes_down'):.1f}"
                      + f" | {np.mean([r['cpu_seconds'] for r in every]):.1f} |")
+    lines += ["", "Paired differences of global accuracy (per seed, then mean ± std over seeds):", "",
+              "| difference | " + " | ".join(f"skew {a}" for a in REPORTED_SKEWS) + " |",
+              "|---|" + "---:|" * len(REPORTED_SKEWS)]
+    pairs = [(a, "fedavg_full") for a in lrs if a != "fedavg_full"]
+    pairs += [("fedgalore S2 (AJIVE)", "fedgalore S0 (no sync)"), ("fedgalore S2 (AJIVE)", "fedgalore S1 (mean V, shared P)"),
+              ("fedgalore S1 (mean V, shared P)", "fedgalore S0 (no sync)"), ("fedgalore S2 (AJIVE)", "fedit")]
+    for a, b in pairs:
+        if a not in lrs or b not in lrs:
+            continue
+        cells = []
+        for skew in REPORTED_SKEWS:
+            got = [(done.get(_key(a, s, skew, lrs[a])), done.get(_key(b, s, skew, lrs[b]))) for s in REPORTED_SEEDS]
+            if not all(x and y for x, y in got) or any(x["global_accuracy"] is None or math.isnan(x["global_accuracy"])
+                                                       for x, _ in got):
+                cells.append("")
+                continue
+            cells.append(_fmt([x["global_accuracy"] - y["global_accuracy"] for x, y in got]))
+        if any(cells):
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
