@@ -137,7 +137,7 @@ def table() -> None:
         for s, r in zip(REPORTED_SEEDS, runs[m]):
             print(f"| {m} | {s} | {r['cuts']} | {[round(a, 2) for a in r['layer_ari']]} |")
         ari = np.array([r["layer_ari"] for r in runs[m]])
-        print(f"| {m} | mean | | {[round(a, 2) for a in ari.mean(0)]} |")
+        print(f"| {m} | mean | | {[round(float(a), 2) for a in ari.mean(0)]} |")
     order = ["fedtreelora", "ftl_k4", "ftl_k8", "ftl_independent", "ftl_k1"]
     means = {m: np.mean([r["personalized_mean"] for r in runs[m]]) for m in order}
     print("\nPaper's ordering FedTreeLoRA > k=4 > k=8 > independent > k=1; measured: "
