@@ -97,7 +97,9 @@ def tuned_lrs(out: Path) -> dict[str, float]:
 
 
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    v = np.asarray(values, dtype=float) * scale
+    v = np.asarray([math.nan if x is None else x for x in values], dtype=float) * scale
+    if np.isnan(v).any():
+        return "—"  # no such metric (fedsa_lora has no global model)
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else math.nan:.{digits}f}"
 
 
