@@ -10,7 +10,9 @@
     fedhpc bench kernels | throughput | checkpoint
 
 Exit codes: 0 done, 1 crash, 2 bad input (one line naming what to fix), 75 preempted by
-SIGTERM / SIGUSR1 after writing a checkpoint (fedhpc.runtime.preempt).
+SIGTERM / SIGUSR1 after writing a checkpoint (fedhpc.runtime.preempt), 74 the disk filled up
+while writing the run directory (one line; a checkpoint that cannot be written is only a warning:
+the previous one is kept and the run goes on).
 
 This is the only module that touches MPI.COMM_WORLD.
 """
@@ -22,6 +24,8 @@ import sys
 
 __all__ = ["main"]
 
+DISK_FULL_EXIT_CODE = 74  # EX_IOERR in sysexits.h
+DISK_FULL = (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG (a file-size limit)
 BENCHES = {"kernels": "bench/kernels.py", "throughput": "bench/throughput.py", "checkpoint": "bench/checkpoint.py"}
 
 
@@ -122,6 +126,15 @@ def _run_guarded(args, guard) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         # Raised identically on every rank (same config, same data): each exits cleanly.
         return _fail(str(err).splitlines()[0], code=2, comm=comm)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        # Rank 0 writes the run directory alone: one line, and the other ranks end with it.
+        print(f"fedhpc: error: disk full: {err}; the run stops, its last complete checkpoint kept: free space "
+              f"and run again with --resume auto", file=sys.stderr, flush=True)
+        if comm.Get_size() > 1:
+            comm.Abort(DISK_FULL_EXIT_CODE)
+        return DISK_FULL_EXIT_CODE
     except BaseException:
         if comm.Get_size() > 1:  # one rank failing alone would leave the others waiting forever
             import traceback

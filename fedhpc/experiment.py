@@ -100,8 +100,8 @@ def _run(cfg: ExperimentConfig, *, comm, progress: bool, resume, guard: Preempti
                                     optimizer=_rows(s.opt_store) if s.opt_store else None, totals=s.totals,
                                     metrics=s.history, wall_seconds=s.wall_before + time.perf_counter() - t_start,
                                     wait=preempted)
-        if preempted:
-            raise Preempted(round_index, path)
+        if preempted:  # the checkpoint it names is the newest on disk (an older one if this write failed)
+            raise Preempted(round_index, checkpoints.latest if r.world.is_root and checkpoints.latest else path)
     summary = _summary(r, s, metrics, wall=s.wall_before + time.perf_counter() - t_start)
     checkpoints.wait()  # the last checkpoint is on disk before the summary says "done"
     out.write_summary(summary)

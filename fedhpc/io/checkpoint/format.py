@@ -15,6 +15,14 @@ Every dataset carries attrs `crc32` (zlib CRC-32 of its C-order bytes) and `torc
 (bfloat16, which numpy and HDF5 lack, is stored as its uint16 bits). Client datasets are
 chunked one client per chunk.
 
+The whole file is checksummed too (format version 2): HDF5's metadata (attributes such as the
+round, object headers, chunk indexes) lies outside the datasets' CRCs, and HDF5 1.10's default
+structures carry no checksum of their own, so a flipped bit there could go unseen or change
+what is read. The file starts with a 512-byte HDF5 user block, which HDF5 skips; when the file is
+complete the writer puts `fedhpc-checkpoint crc32 <8 hex digits> <bytes>` there: the CRC-32 and
+length of everything after the user block (`seal`). CRC-32 detects every single-bit error and
+every burst of up to 32 bits. Version 1 files (no user block) are checked per dataset only.
+
 This module lays a file out, reads one back, checks its checksums and describes it
 (`fedhpc inspect`). Which file to resume from is `resume.py`; when and how a file is written
 (gather, background thread, atomic rename) is `writer.py`.
@@ -22,6 +30,7 @@ This module lays a file out, reads one back, checks its checksums and describes 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +39,16 @@ import numpy as np
 import torch
 import yaml
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "checkpoint_dir", "Snapshot", "lay_out", "verify",
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "checkpoint_dir", "Snapshot", "lay_out", "seal", "verify",
            "describe", "read_config", "saved_round", "Restored", "load", "restore_rows"]
 
 FORMAT = "fedhpc-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+USERBLOCK = 512
+"""Bytes of the HDF5 user block at the start of the file, which holds the whole-file checksum."""
+SEAL = b"fedhpc-checkpoint crc32 "
+WHOLE_FILE = "(whole file)"
+"""The name `verify` gives the whole-file checksum's row."""
 
 
 class CheckpointError(ValueError):
@@ -89,7 +103,7 @@ def lay_out(path: Path, snap: Snapshot) -> list[tuple[int, np.ndarray]]:
     import h5py
 
     rows = []
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", userblock_size=USERBLOCK) as f:
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "round": snap.round, **snap.attrs})
         for name, text in (("config", snap.config), ("metrics", snap.metrics)):
             ds = f.create_dataset(name, data=text, dtype=h5py.string_dtype())
@@ -121,6 +135,49 @@ def _allocated_per_client(group, key: str, array: np.ndarray):
     return h5py.Dataset(dsid)
 
 
+def _body_crc(path: Path) -> tuple[int, int]:
+    """CRC-32 and length of the file's bytes after the user block."""
+    crc, size = 0, 0
+    with open(path, "rb") as handle:
+        handle.seek(USERBLOCK)
+        while chunk := handle.read(1 << 22):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return crc, size
+
+
+def seal(path: str | Path) -> None:
+    """Record the CRC-32 and length of everything after the user block in the user block (the
+    file is complete: called just before the rename that publishes it). Not fsynced here."""
+    crc, size = _body_crc(Path(path))
+    header = SEAL + f"{crc:08x} {size}\n".encode()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, header.ljust(USERBLOCK, b"\0"), 0)
+    finally:
+        os.close(fd)
+
+
+def _whole_file_row(path: Path) -> tuple[str, tuple, str, int, bool] | None:
+    """The whole-file checksum's row for `verify`, None for a version-1 file (no user block);
+    raises CheckpointError for a file shorter than it was written (torn, truncated). The user
+    block must be exactly what `seal` writes for the bytes that follow it, so a flipped bit in
+    the block itself (its digits, its zero padding) counts as a mismatch too."""
+    with open(path, "rb") as handle:
+        head = handle.read(USERBLOCK)
+    if head.startswith(b"\x89HDF"):
+        return None  # version 1: no user block
+    crc, size = _body_crc(path)
+    if head == (SEAL + f"{crc:08x} {size}\n".encode()).ljust(USERBLOCK, b"\0"):
+        return (WHOLE_FILE, (), "bytes", size, True)
+    try:
+        length = int(head[len(SEAL):].split(b"\n", 1)[0].split()[1])
+    except (ValueError, IndexError):
+        length = -1
+    if head.startswith(SEAL) and size < length:
+        raise CheckpointError(f"{path}: unreadable (truncated: {size + USERBLOCK} of {length + USERBLOCK} bytes)")
+    return (WHOLE_FILE, (), "bytes", size, False)
+
+
 # --- reading and checking one file ------------------------------------------------------------
 def _datasets(f) -> list:
     import h5py
@@ -136,11 +193,12 @@ def _read_text(ds) -> str:
 
 
 def verify(path: str | Path) -> list[tuple[str, tuple, str, int, bool]]:
-    """Every dataset's (name, shape, dtype, bytes, checksum ok); raises CheckpointError if the
-    file is not a readable fedhpc checkpoint."""
+    """Every dataset's (name, shape, dtype, bytes, checksum ok), first the whole file's (version 2);
+    raises CheckpointError if the file is not a readable fedhpc checkpoint."""
     import h5py
 
     try:
+        whole = _whole_file_row(Path(path))
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not a fedhpc checkpoint")
@@ -149,7 +207,7 @@ def verify(path: str | Path) -> list[tuple[str, tuple, str, int, bool]]:
                 data = _read_text(ds) if ds.dtype.kind == "O" else ds[()]
                 ok = "crc32" in ds.attrs and _crc(data) == int(ds.attrs["crc32"])
                 rows.append((ds.name, ds.shape, ds.attrs.get("torch_dtype", "str"), int(ds.id.get_storage_size()), ok))
-            return rows
+            return ([whole] if whole else []) + rows
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as err:  # torn or truncated: HDF5 cannot parse it
@@ -163,9 +221,16 @@ def describe(path: str | Path) -> tuple[str, bool]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"inspect: '{path}' does not exist")
     rows = verify(path)
-    with h5py.File(path, "r") as f:
-        a = dict(f.attrs)
-        metrics = [json.loads(line) for line in _read_text(f["metrics"]).splitlines() if line]
+    try:
+        with h5py.File(path, "r") as f:
+            a = dict(f.attrs)
+            metrics = [json.loads(line) for line in _read_text(f["metrics"]).splitlines() if line]
+        a = {k: a[k] for k in ("format", "format_version", "round", "rounds", "num_clients", "strategy", "created",
+                               "bytes_up", "bytes_down", "wall_seconds")}
+    except (OSError, KeyError, ValueError, RuntimeError) as err:  # what the bad checksum spoiled
+        bad = [name for name, *_, ok in rows if not ok]
+        raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0]}); checksum MISMATCH in "
+                              f"{', '.join(bad[:3]) or 'nothing'}") from None
     bad = [name for name, *_, ok in rows if not ok]
     lines = [f"{path}: {a['format']} v{a['format_version']}, round {a['round']} of {a['rounds']}, "
              f"{a['num_clients']} clients, strategy {a['strategy']}, written {a['created']}",
@@ -174,8 +239,9 @@ def describe(path: str | Path) -> tuple[str, bool]:
              f"  {'dataset':<52} {'shape':<16} {'dtype':<8} {'bytes':>10}  checksum"]
     for name, shape, dtype, size, ok in rows:
         lines.append(f"  {name:<52} {str(shape):<16} {dtype:<8} {size:>10}  {'ok' if ok else 'BAD'}")
-    total = sum(size for _, _, _, size, _ in rows)
-    lines.append(f"  {len(rows)} datasets, {total} bytes of data, file {Path(path).stat().st_size} bytes; "
+    datasets = [row for row in rows if row[0] != WHOLE_FILE]
+    total = sum(size for _, _, _, size, _ in datasets)
+    lines.append(f"  {len(datasets)} datasets, {total} bytes of data, file {Path(path).stat().st_size} bytes; "
                  + (f"checksum MISMATCH in {len(bad)}: {', '.join(bad[:3])}" if bad else "all checksums ok"))
     return "\n".join(lines), not bad
 

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .format import FORMAT, FORMAT_VERSION, Snapshot, _allocated_per_client, _crc, _to_numpy
+from .format import FORMAT, FORMAT_VERSION, USERBLOCK, Snapshot, _allocated_per_client, _crc, _to_numpy, seal
 
 __all__ = ["write_streamed"]
 
@@ -39,7 +39,7 @@ def _lay_out(path: Path, snap: Snapshot, specs: dict) -> dict:
     import h5py
 
     offsets = {}
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", userblock_size=USERBLOCK) as f:
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "round": snap.round, **snap.attrs})
         for name, text in (("config", snap.config), ("metrics", snap.metrics)):
             ds = f.create_dataset(name, data=text, dtype=h5py.string_dtype())
@@ -98,10 +98,14 @@ def write_streamed(path: Path, snap: Snapshot, sources: dict, *, comm, chunk_byt
     fd, offsets, crcs, failed = None, {}, {}, None
     if rank == 0:
         total = {g: sum(c[g] for c in counts) for g in groups}
-        offsets = _lay_out(tmp, snap, {g: {k: ((total[g], *shape), dtype) for k, (shape, dtype) in specs[g].items()}
-                                       for g in groups})
+        try:
+            offsets = _lay_out(tmp, snap, {g: {k: ((total[g], *shape), dtype) for k, (shape, dtype) in
+                                               specs[g].items()} for g in groups})
+            fd = os.open(tmp, os.O_WRONLY)
+        except (OSError, RuntimeError) as err:  # disk full while HDF5 lays it out: the rows still come
+            failed = err if isinstance(err, OSError) else OSError(str(err))
+            offsets = {g: {} for g in groups}
         crcs = {g: {k: 0 for k in offsets[g]} for g in groups}
-        fd = os.open(tmp, os.O_WRONLY)
     try:
         for g in groups:
             keys = list(specs[g])
@@ -146,10 +150,15 @@ def write_streamed(path: Path, snap: Snapshot, sources: dict, *, comm, chunk_byt
         raise failed
     import h5py
 
-    with h5py.File(tmp, "r+") as f:
-        for g in groups:
-            for k, value in crcs[g].items():
-                f[g][k].attrs["crc32"] = value
+    try:
+        with h5py.File(tmp, "r+") as f:
+            for g in groups:
+                for k, value in crcs[g].items():
+                    f[g][k].attrs["crc32"] = value
+        seal(tmp)  # the whole-file checksum, once every byte is in
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file is left behind
+        raise
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from ..run_dir import json_line
-from .format import Snapshot, _file_name, _to_numpy, checkpoint_dir, lay_out
+from .format import Snapshot, _file_name, _to_numpy, checkpoint_dir, lay_out, seal
 
 __all__ = ["CheckpointConfig", "Checkpointer", "write_checkpoint"]
 
@@ -66,14 +66,23 @@ def write_checkpoint(path: Path, snap: Snapshot) -> None:
     a background write does not stall the round loop's Python thread.
     """
     tmp = path.with_name(path.name + ".tmp")
-    rows = lay_out(tmp, snap)
-    fd = os.open(tmp, os.O_WRONLY)
     try:
-        for offset, row in rows:
-            os.pwrite(fd, np.ascontiguousarray(row), offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        rows = lay_out(tmp, snap)
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            for offset, row in rows:
+                os.pwrite(fd, np.ascontiguousarray(row), offset)
+        finally:
+            os.close(fd)
+        seal(tmp)  # the whole-file checksum, once every byte is in
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:  # disk full, ...: no half-written file is left behind (nor its space taken)
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -123,6 +132,11 @@ class Checkpointer:
         """Time the round loop spent in each `save` (for bench/checkpoint.py) ..."""
         self.waited_seconds: list[float] = []
         """... of which waiting for the previous write to finish (rank 0)."""
+        self.latest: Path | None = None
+        """The newest checkpoint known to be on disk (rank 0: after `wait`)."""
+        self.failed = 0
+        """Checkpoint writes that failed (rank 0)."""
+        self.pending: Path | None = None
         if self.is_writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob("*.tmp"):  # left by a writer that was killed
@@ -164,6 +178,7 @@ class Checkpointer:
             t_wait = time.perf_counter()
             self.wait()  # one write in flight at a time: a slow disk slows the loop, never corrupts it
             self.waited_seconds.append(time.perf_counter() - t_wait)
+            self.pending = path
             self.thread = threading.Thread(target=self._write, args=(path, snap), name="fedhpc-checkpoint")
             self.thread.start()
             if wait or not self.cfg.background:
@@ -201,9 +216,10 @@ class Checkpointer:
             if self.is_writer:
                 for old in sorted(self.folder.glob("round-*.h5"))[:-self.cfg.keep]:
                     old.unlink()
+            if self.is_writer:
+                self.latest = path
         except OSError as err:  # disk full, ...: the previous checkpoints are still there
-            print(f"fedhpc: warning: checkpoint write failed ({type(err).__name__}: {err}); "
-                  f"the previous checkpoint is kept", flush=True)
+            self._report(path, err)
         self.blocked_seconds.append(time.perf_counter() - t0)
         return path
 
@@ -222,7 +238,16 @@ class Checkpointer:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+            if self.error is None:
+                self.latest = self.pending
         if self.error is not None:
             err, self.error = self.error, None
-            print(f"fedhpc: warning: checkpoint write failed ({type(err).__name__}: {err}); "
-                  f"the previous checkpoint is kept", flush=True)
+            self._report(self.pending, err)
+
+    def _report(self, path: Path, err: BaseException) -> None:
+        """One line: which checkpoint was not written, why, and which one is kept."""
+        self.failed += 1
+        kept = sorted(self.folder.glob("round-*.h5"))
+        print(f"fedhpc: warning: checkpoint {path.name} not written ({type(err).__name__}: {err}); "
+              + (f"the previous checkpoint {kept[-1].name} is kept" if kept else "no earlier checkpoint exists"),
+              flush=True)
