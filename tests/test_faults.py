@@ -391,3 +391,16 @@ def test_every_method_runs_through_dropout_late_clients_and_empty_rounds(strateg
     returned = [m["returned"] for m in rounds]
     assert 0 in returned and max(returned) > 0 and sum(m["late"] for m in rounds) > 0, returned
     assert summary["personalized_mean"] is not None and math.isfinite(summary["personalized_mean"])
+
+
+def test_waiting_for_late_clients_changes_no_number(tmp_path):
+    """policy wait: late clients do their full work, so the run is the fault-free one (counts aside)."""
+    runs = {}
+    for name, extra in (("plain", []), ("wait", ["faults.stragglers=0.7", "faults.policy=wait"])):
+        run(load_config(CONFIG, TINY + extra + [f"out_dir={tmp_path / name}", "sampling.fraction=0.7"]),
+            comm=MPI.COMM_SELF, progress=False)
+        runs[name] = [json.loads(x) for x in (tmp_path / name / "quickstart/metrics.jsonl").read_text().splitlines()]
+    assert sum(m["late"] for m in runs["wait"]) > 0 and all(m["dropped"] == 0 for m in runs["wait"])
+    clock = {"round_seconds", "clients_per_second", "returned", "dropped", "late", "diverged"}
+    for a, b in zip(runs["plain"], runs["wait"]):
+        assert {k: v for k, v in a.items() if k not in clock} == {k: v for k, v in b.items() if k not in clock}
