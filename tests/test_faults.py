@@ -294,6 +294,14 @@ def test_hilora_routes_a_client_that_missed_the_clustering_round(tmp_path):
         assert three.server["clusters"][c] == int(np.argmax(sims)), (c, sims)
     m3 = json.loads((tmp_path / "quickstart/metrics.jsonl").read_text().splitlines()[2])
     assert m3["returned"] == len(seen) - len(_draws(seed, seen, 3, 0.3, 0.0)[0])
+    # the join round's plan: the missed clients count in no mean and send their statistic
+    from fedhpc.assemble import assemble
+
+    strategy = assemble(load_config(CONFIG, overrides), MPI.COMM_SELF).strategy
+    blocks = strategy.configure_train(two.server, seen, seen).exchange.blocks
+    tier = blocks["tier"].weight_of(seen, strategy.population.num_examples).numpy()
+    assert (tier[np.isin(seen, missed)] == 0).all() and (tier[~np.isin(seen, missed)] > 0).all()
+    assert blocks["join"].reduce == "gather" and np.flatnonzero(blocks["join"].weights).tolist() == missed
 
 
 def test_fedtreelora_places_a_client_that_missed_the_gathering_round(tmp_path):
@@ -318,6 +326,16 @@ def test_fedtreelora_places_a_client_that_missed_the_gathering_round(tmp_path):
             assert np.abs(own).sum() > 0  # it trained in round 1
             nearest = int(np.argmin([np.linalg.norm(own - mean) for mean in means]))
             assert three.server["tree.labels"][index, c] == nearest
+    from fedhpc.assemble import assemble
+
+    strategy = assemble(load_config(CONFIG, overrides), MPI.COMM_SELF).strategy
+    seen = _seen(seed)
+    blocks = strategy.configure_train(two.server, seen, seen).exchange.blocks
+    assert np.flatnonzero(blocks["join"].weights).tolist() == missed
+    for name, block in blocks.items():
+        if name != "join":
+            w = block.weight_of(seen, strategy.population.num_examples).numpy()
+            assert (w[np.isin(seen, missed)] == 0).all() and (w[~np.isin(seen, missed)] > 0).all(), name
 
 
 RANK_CASES = {
