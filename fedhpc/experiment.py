@@ -125,7 +125,7 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     train_loss = float(loss_total[0] / loss_total[1]) if loss_total[1] > 0 else math.nan  # nan: nobody returned
     if loss_total[1] > 0 and not math.isfinite(train_loss):
         raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
-    if len(faults.returned) > len(diverged):  # a round nobody returned from leaves the server state as it was
+    if len(faults.returned) > len(diverged) or not r.cfg.faults.logged:  # nobody returned: the server state stays
         before, s.server = s.server, r.strategy.aggregate_train(s.server, reduced, round_index=round_index)
         check_server(before, s.server, round_index=round_index, strategy=r.cfg.strategy.name)
     up, _ = modelled_bytes(plan.exchange, faults.returned, r.ranks.ranks, r.data.num_examples)  # dropped: no upload
