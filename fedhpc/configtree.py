@@ -78,6 +78,10 @@ def _convert(value: Any, tp, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, vt = get_args(tp) or (str, Any)
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:  # YAML reads {a:1} as the key 'a:1'
+                raise ConfigError(f"{key}: key {k!r} has no value; put a space after the colon "
+                                  f"({k.split(':', 1)[0]}: {k.split(':', 1)[1]})")
         return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):

@@ -32,6 +32,7 @@ def test_default_strategy_is_typed():
     (["data.partition.kind=dirichlett"], ["dirichlett", "dirichlet"]),
     (["checkpoint.keep=0"], ["checkpoint", "keep must be >= 1"]),
     (["checkpoint.evry=2"], ["checkpoint.evry", "checkpoint.every"]),
+    (["model.kwargs={img_size:16,depth:2}"], ["model.kwargs", "'img_size:16'", "img_size: 16"]),
 ])
 def test_bad_values_name_the_key_and_the_closest_valid_one(override, words):
     with pytest.raises(ConfigError) as err:
