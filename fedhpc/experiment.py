@@ -116,12 +116,13 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     s.server = _score_proxy(r, s.server, round_index)
     plan = r.strategy.configure_train(s.server, sampled, r.data.seen)
     faults = draw_faults(r.cfg.faults, plan.participants, seed=r.cfg.seed, round_index=round_index)
-    reduction, loss_stats, diverged = _train_round(r, s, plan, round_index, faults)
+    reduction, client_losses, diverged = _train_round(r, s, plan, round_index, faults)
     reduced, sent = reduction.finish(comm=r.world.comm)  # the only collectives on the training path
-    loss_total = allreduce_sum(torch.cat([loss_stats, torch.tensor([float(sent), float(len(diverged))])]),
-                               comm=r.world.comm)
-    diverged = agree_diverged(diverged, int(loss_total[3]), cfg=r.cfg.faults, round_index=round_index,
+    totals = allreduce_sum(torch.cat([client_losses.flatten(), torch.tensor([float(sent), float(len(diverged))])]),
+                           comm=r.world.comm)
+    diverged = agree_diverged(diverged, int(totals[-1]), cfg=r.cfg.faults, round_index=round_index,
                               comm=r.world.comm)  # under faults.diverged=stop: one line, every rank
+    loss_total = _weighted_loss(totals[:-2].view(2, -1), plan.participants, faults.returned, r.per_pass)
     train_loss = float(loss_total[0] / loss_total[1]) if loss_total[1] > 0 else math.nan  # nan: nobody returned
     if loss_total[1] > 0 and not math.isfinite(train_loss):
         raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
@@ -131,7 +132,7 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     up, _ = modelled_bytes(plan.exchange, faults.returned, r.ranks.ranks, r.data.num_examples)  # dropped: no upload
     _, down = modelled_bytes(plan.exchange, plan.participants, r.ranks.ranks, r.data.num_examples)
     s.totals.update(bytes_up=s.totals["bytes_up"] + up, bytes_down=s.totals["bytes_down"] + down,
-                    mpi_bytes=s.totals["mpi_bytes"] + int(loss_total[2]))
+                    mpi_bytes=s.totals["mpi_bytes"] + int(totals[-2]))
     metrics = {"round": round_index, "train_loss": train_loss, "participants": len(plan.participants), **s.totals,
                **r.strategy.metrics(s.server)}
     if r.cfg.faults.logged:
@@ -173,10 +174,13 @@ def _score_proxy(r: Run, server: dict, round_index: int) -> dict:
 def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int,
                  faults: RoundFaults) -> tuple[Reduction, torch.Tensor, list[int]]:
     """Local training of this rank's participants that return (`faults`), pass by pass, each pass's
-    upload reduced as it ends; also the ids of this rank's clients that diverged (not reduced)."""
+    upload reduced as it ends; also `[2, participants]` float64 (loss × examples, examples) at this
+    rank's trained clients' positions, 0 elsewhere, and the ids of its clients that diverged (not
+    reduced)."""
     mine = faults.returned[np.isin(faults.returned, r.world.clients)]
     reduction = Reduction(plan.exchange, r.data.num_examples)
-    loss_stats = torch.zeros(2, dtype=torch.float64)
+    position = {int(c): i for i, c in enumerate(plan.participants)}
+    client_losses = torch.zeros(2, len(plan.participants), dtype=torch.float64)
     diverged = []
     for ids in split_passes(mine, r.per_pass):
         run_ids, real = runnable(ids), slice(0, len(ids))
@@ -210,8 +214,22 @@ def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int,
             s.opt_store.put(ids, opt_rows)
         reduction.add(ids, upload, scale)
         weights = torch.as_tensor(r.data.num_examples[ids], dtype=torch.float64)
-        loss_stats += torch.stack([(losses.cpu() * weights).sum(), weights.sum()])
-    return reduction, loss_stats, diverged
+        at = [position[int(c)] for c in ids]
+        client_losses[:, at] = torch.stack([losses.cpu() * weights, weights])  # exact: float32 × count
+    return reduction, client_losses, diverged
+
+
+def _weighted_loss(client_losses: torch.Tensor, participants: np.ndarray, returned: np.ndarray,
+                   per_pass: int) -> torch.Tensor:
+    """(Σ loss × examples, Σ examples) over the clients that trained, summed pass by pass in the
+    one-rank order whatever the rank count (the sum of floats depends on its order)."""
+    position = {int(c): i for i, c in enumerate(participants)}
+    total = torch.zeros(2, dtype=torch.float64)
+    for ids in split_passes(returned, per_pass):
+        loss_weighted, weights = client_losses[:, [position[int(c)] for c in ids]]
+        kept = weights > 0  # diverged clients weigh 0 and are left out
+        total += torch.stack([loss_weighted[kept].sum(), weights[kept].sum()])
+    return total
 
 
 def _summary(r: Run, s: _State, metrics: dict, *, wall: float) -> dict:
