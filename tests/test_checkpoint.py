@@ -15,7 +15,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, mpiexec_path
 from fedhpc.cli import main
 from fedhpc.config import load_config
 from fedhpc.experiment import run
@@ -49,9 +49,12 @@ def _assert_same_run(resumed: Path, reference: Path):
 
 
 def _global_rng_states():
-    import sklearn.cluster  # noqa: F401  (importing it moves Python's `random` state: not a draw of the run's)
-
     return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def _same_streams(before, after, *, python_random: bool = True) -> bool:
+    same = torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+    return same and (not python_random or before[2] == after[2])
 
 
 # HiLoRA keeps no optimizer state (a frozen tier's moments would move it); its resume crosses
@@ -77,9 +80,10 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(strategy, tmp_pat
     cfg = load_config(CONFIG, overrides + [f"out_dir={tmp_path / 'a'}"])
     before = _global_rng_states()
     run(cfg, comm=MPI.COMM_SELF, progress=False)
-    after = _global_rng_states()
-    # all randomness is keyed by (seed, client, round): a run draws nothing from global streams
-    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    # all randomness is keyed by (seed, client, round): a run draws nothing from global streams. Python's
+    # `random` is checked around the resumed run below: a first run's lazy imports (scikit-learn's) may
+    # move it at import, so whether it moved here would depend on which tests ran before this one.
+    assert _same_streams(before, _global_rng_states(), python_random=False)
     full = tmp_path / "a" / "quickstart"
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["round-000001.h5", "round-000002.h5"]
     # a run that stopped after round 1: its directory as it was then
@@ -88,9 +92,25 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(strategy, tmp_pat
     shutil.copy(full / "checkpoints/round-000001.h5", part / "checkpoints")
     shutil.copy(full / "config.yaml", part)
     path = find_resumable(part, comm=MPI.COMM_SELF)
+    before = _global_rng_states()  # everything a run imports is imported by now
     run(load_config(CONFIG, overrides + [f"out_dir={tmp_path / 'b'}"]), comm=MPI.COMM_SELF, progress=False,
         resume=path)
+    assert _same_streams(before, _global_rng_states())
     _assert_same_run(part, full)
+
+
+def test_no_fedhpc_module_uses_pythons_global_random():
+    """The order-free half of the check above: no module of the package imports `random` at all."""
+    import ast
+
+    users = []
+    for path in sorted((REPO / "fedhpc").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if "random" in names:
+                users.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not users, users
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +124,7 @@ def reference(tmp_path_factory):
 def _launch(n: int, args: list[str], hold: int = 0) -> subprocess.Popen:
     """`fedhpc` under mpiexec; `hold`: the run waits after that round until a rank is signalled
     (FEDHPC_HOLD_AFTER_ROUND, runtime/preempt.py), so a test interrupts it at a known round."""
-    launcher = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-    if launcher is None:
-        pytest.skip("mpiexec not found (pip install mpich)")
+    launcher = mpiexec_path()  # fails, not skips, when mpich is missing
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"FEDHPC_HOLD_AFTER_ROUND": str(hold)} if hold else {})}
     return subprocess.Popen([launcher, "-n", str(n), sys.executable, "-m", "fedhpc", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -24,7 +24,7 @@ from fedhpc.train.plan import Task
 from fedhpc.strategies.hilora_tiers import CLUSTER, LEAF, TierHooks
 from fedhpc.strategies.subspace_clustering import Statistic, bases, cluster_clients, route, subspace_distance
 
-from conftest import REPO, TINY, mpiexec
+from conftest import REPO, TINY, mpiexec, mpiexec_path
 
 sys.path.insert(0, str(Path(__file__).parent / "mpi"))
 import hilora_ranks  # noqa: E402
@@ -162,9 +162,7 @@ def test_root_and_cluster_tiers_match_float64_truncated_svd(mode):
 
 @pytest.mark.parametrize("mode", ["product_dense", "product_gather"])
 def test_cluster_reduction_over_three_ranks_equals_a_float64_reference(mode):
-    launcher = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-    if launcher is None:
-        pytest.skip("mpiexec not found (pip install mpich)")
+    launcher = mpiexec_path()  # fails, not skips, when mpich is missing
     script = Path(__file__).parent / "mpi" / "hilora_ranks.py"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([launcher, "-n", "3", sys.executable, str(script), mode], capture_output=True, text=True,

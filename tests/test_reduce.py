@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from fedhpc.runtime.exchange import Block, Exchange, modelled_bytes
 
-from conftest import REPO
+from conftest import REPO, mpiexec_path
 
 sys.path.insert(0, str(Path(__file__).parent / "mpi"))
 import reduce_ranks  # noqa: E402
@@ -83,9 +83,7 @@ def test_the_reference_exercises_every_case():
 
 @pytest.mark.parametrize("ranks", [3])
 def test_reduction_does_not_depend_on_the_rank_count(ranks):
-    launcher = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-    if launcher is None:
-        pytest.skip("mpiexec not found (pip install mpich)")
+    launcher = mpiexec_path()  # fails, not skips, when mpich is missing
     script = Path(__file__).parent / "mpi" / "reduce_ranks.py"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([launcher, "-n", str(ranks), sys.executable, str(script)],

@@ -194,7 +194,7 @@ def test_global_model_is_the_root_tier_and_the_root_head():
 @pytest.mark.parametrize("trains_head", [True, False])
 def test_leaf_trains_head_decides_whether_the_leaf_stage_moves_the_head(trains_head):
     g = torch.Generator().manual_seed(17)
-    s = hl._make(leaf_trains_head=trains_head)
+    s = hl._make(leaf_trains_head=trains_head, leaf_lr_scale=0.25)
     init = hl._init(g)
     server = {**s.init_server(init, frozen={}), "clusters": torch.zeros(6, dtype=torch.int64)}
     for stage in (ROOT, CLUSTER, LEAF):
@@ -205,6 +205,7 @@ def test_leaf_trains_head_decides_whether_the_leaf_stage_moves_the_head(trains_h
             assert mask is not None and not bool(mask.any())
         else:
             assert mask is None or bool(mask.all())
+        assert plan.hooks.lr_scale == (0.25 if stage == LEAF else 1.0)  # leaf_lr_scale: the leaf stage only
     fine = s.configure_client({**server, "stage": torch.tensor([LEAF])}, hl._state(s, init, 2), np.array([0, 1]),
                               Task.FINETUNE)
     assert (fine.hooks.movable("head.bias") is None or bool(fine.hooks.movable("head.bias").all())) == trains_head
@@ -230,3 +231,43 @@ def test_sample_clients_count_fraction_rounding_and_a_new_draw_each_round():
         hits[sample_clients(seen, SamplingConfig(count=4), seed=0, round_index=r)] += 1
     assert hits[[1, 4, 6, 7, 10, 13]].sum() == 0
     assert np.all(np.abs(hits[seen] / 400 - 0.4) < 0.1)
+
+
+def test_fedsa_lora_share_head_averages_the_head_with_a():
+    g = torch.Generator().manual_seed(18)
+    w = np.array([2.0, 5.0, 1.0, 3.0, 4.0])
+    s = st._make("fedsa_lora", num_examples=w, share_head=True)
+    init = st._init(g)
+    server = s.init_server(init, frozen={})
+    assert set(server) == {"m.lora_A", "head.weight", "head.bias"} and set(s.init_client(init)) == {"m.lora_B"}
+    clients, trained = np.array([1, 2, 4]), st._random(3, g)
+    new = st._round(s, server, st._state(s, init, 3), clients, trained)
+    p = w[clients] / w[clients].sum()
+    for key in ("m.lora_A", "head.weight", "head.bias"):
+        np.testing.assert_allclose(new[key][0].numpy(), np.tensordot(p, trained[key].double().numpy(), 1), rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_defaults_are_the_documented_ones():
+    """Defaults from their sources: HiLoRA's third-party numbers (algorithms.md §3: 15 / 20 rounds, λ 0.9,
+    K in [2, 10], γ 0.1, 0.1), FedSA-LoRA's local classifier (its official config), a restarting optimizer,
+    no LR scaling, and torch's own AdamW defaults for lr, betas and eps."""
+    import inspect
+
+    from fedhpc.configtree import build
+    from fedhpc.strategies import StrategyConfig
+    from fedhpc.train.optim import OptimConfig
+    from fedhpc.train.plan import LocalHooks
+
+    hilora = build(StrategyConfig, {"name": "hilora"})
+    assert (hilora.root_rounds, hilora.cluster_rounds, hilora.ema_decay, hilora.k_min, hilora.k_max,
+            hilora.gamma_cluster, hilora.gamma_leaf, hilora.leaf_lr_scale, hilora.leaf_trains_head) == (
+        15, 20, 0.9, 2, 10, 0.1, 0.1, 1.0, True)
+    assert build(StrategyConfig, {"name": "fedsa_lora"}).share_head is False
+    assert build(StrategyConfig, {"name": "fedit"}).keep_optimizer_state is False
+    assert LocalHooks().lr_scale == 1.0
+    torch_adamw = inspect.signature(torch.optim.AdamW).parameters
+    ours = OptimConfig()
+    assert ours.name == "adamw" and ours.weight_decay == 0.0
+    assert (ours.lr, tuple(ours.betas), ours.eps) == (torch_adamw["lr"].default, tuple(torch_adamw["betas"].default),
+                                                      torch_adamw["eps"].default)

@@ -182,26 +182,26 @@ def pytest(*args: str) -> list[str]:
     return [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", *args]
 
 
+DEFAULTS = "tests/test_strategy_options.py::test_defaults_are_the_documented_ones"
 TESTS = {
     LOCAL: [pytest("tests/test_train_paths.py", "tests/test_local_train.py",
                    "tests/test_hetero_ranks.py::test_padded_rows_stay_exactly_zero_through_training",
-                   "tests/test_faults.py::test_partial_work_equals_a_shorter_run"),
-            GOLDEN + ["fedit_dropout,fedsa_lora"]],
-    OPTIM: [pytest("tests/test_local_train.py", "tests/test_train_paths.py", "-k", "not clients_per_pass"),
-            GOLDEN + ["fedit"]],
-    PLAN: [pytest("tests/test_train_paths.py", "-k", "tier or dropout")],
+                   "tests/test_faults.py::test_partial_work_equals_a_shorter_run", "-k", "not clients_per_pass"),
+            GOLDEN + ["fedit_dropout"]],
+    OPTIM: [pytest("tests/test_local_train.py", "tests/test_train_paths.py", DEFAULTS, "-k", "not clients_per_pass")],
+    PLAN: [pytest("tests/test_train_paths.py", DEFAULTS, "-k", "tier or dropout or defaults")],
     SCORING: [pytest("tests/test_scoring.py")],
-    REDUCE: [pytest("tests/test_reduce.py", "tests/test_strategies.py"),
-             GOLDEN + ["hilora_gather_factor_mean,fedit"]],
+    REDUCE: [pytest("tests/test_reduce.py", "tests/test_strategies.py",
+                    "tests/test_faults.py::test_dropped_clients_count_in_nothing_and_partial_work_counts_by_steps_done"),
+             GOLDEN + ["hilora_gather_factor_mean"]],
     BASE: [pytest("tests/test_strategies.py", "tests/test_strategy_options.py", "tests/test_contract.py",
-                  "-k", "not end_to_end and not own_optimizer"),
-           GOLDEN + ["fedit,fedsa_lora,fedit_private_head"]],
-    FEDSA: [pytest("tests/test_strategies.py", "tests/test_strategy_options.py", "-k", "fedsa"),
+                  "-k", "not end_to_end and not own_optimizer and not hilora and not tier and not root"),
+           GOLDEN + ["fedsa_lora,fedit_private_head"]],
+    FEDSA: [pytest("tests/test_strategies.py", "tests/test_strategy_options.py", "-k", "fedsa or defaults"),
             GOLDEN + ["fedsa_lora"]],
     HILORA: [pytest("tests/test_strategy_options.py", "tests/test_hilora.py", "-k",
-                    "not rank_count and not three_ranks and (hilora or leaf or root or factor or global or relative "
-                    "or cluster or clustering or tier or routed or keep)"),
-             GOLDEN + ["hilora,hilora_gather_factor_mean"]],
+                    "not rank_count and not three_ranks and not fedsa and not fedit and not hetlora and not sample"),
+             GOLDEN + ["hilora"]],
 }
 TESTS[TIERS] = [pytest("tests/test_train_paths.py", "-k", "tier"), *TESTS[HILORA]]
 
