@@ -192,3 +192,14 @@ def test_exported_hilora_and_flora_clients_give_the_logits_fedhpc_evaluates(stra
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
         accuracy = float((theirs.argmax(-1) == y).double().mean())
         assert accuracy == evaluated["personalized_accuracy"][evaluated["clients"].index(client)]
+
+
+def test_no_triton_interpret_leaks_out_of_the_kernel_tests():
+    """tests/kernels sets TRITON_INTERPRET per test only: later tests (this file runs after them) and
+    the subprocesses they start see the environment the session started with."""
+    from conftest import TRITON_INTERPRET_AT_START
+
+    assert os.environ.get("TRITON_INTERPRET") == TRITON_INTERPRET_AT_START
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('TRITON_INTERPRET'))"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == str(TRITON_INTERPRET_AT_START)
