@@ -61,9 +61,12 @@ def train_pass(run: Run, plan: ClientPlan, ids: np.ndarray, *, task: Task, round
         round_index = cfg.rounds + 2
     if plan.steps > 0:
         train_cfg = replace(train_cfg, local_steps=plan.steps)
-    optimizer = plan.optimizer or StackedOptimizer(cfg.train.optimizer)
+    opt_cfg = cfg.train.optimizer
+    if task == Task.FINETUNE and cfg.eval.unseen_finetune_lr_scale != 1.0:
+        opt_cfg = replace(opt_cfg, lr=opt_cfg.lr * cfg.eval.unseen_finetune_lr_scale)
+    optimizer = plan.optimizer or StackedOptimizer(opt_cfg)
     if not hasattr(optimizer, "step"):  # the plan's own optimizer, made for the run's settings
-        optimizer = optimizer(cfg.train.optimizer)
+        optimizer = optimizer(opt_cfg)
     opt_state = plan.opt_state
     if opt_state is None:
         opt_state = optimizer.init_state({k: plan.start[k] for k in plan.trainable})

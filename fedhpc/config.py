@@ -46,6 +46,9 @@ class EvalConfig:
     """Evaluate every this many rounds (the last round is always evaluated)."""
     unseen_finetune_epochs: int = 1
     """Local epochs an unseen client trains from the global model before its second evaluation."""
+    unseen_finetune_lr_scale: float = 1.0
+    """Learning rate of that fine-tuning as a multiple of `train.optimizer.lr`, for every method (a
+    method's own scale, e.g. HiLoRA's `leaf_lr_scale`, applies on top). Tuned by `fedhpc sweep`."""
     fraction: float = 1.0
     """Fraction of the seen clients whose personalized accuracy an intermediate evaluation measures:
     a sample seeded by (seed, round), like Flower's fraction_evaluate (1: every client)."""
@@ -63,6 +66,8 @@ class EvalConfig:
             raise ValueError(f"count must be >= 0 (0: use fraction), got {self.count}")
         if self.final not in ("all", "sample"):
             raise ValueError(f"final must be all or sample, got {self.final!r}")
+        if not self.unseen_finetune_lr_scale > 0:
+            raise ValueError(f"unseen_finetune_lr_scale must be > 0, got {self.unseen_finetune_lr_scale}")
         if self.unseen_finetune_epochs < 0:
             raise ValueError(f"unseen_finetune_epochs must be >= 0, got {self.unseen_finetune_epochs}")
 
