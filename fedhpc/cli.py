@@ -1,4 +1,4 @@
-"""`fedhpc run | report | export | inspect | bench`: one entry point, the same under python, mpiexec, srun.
+"""`fedhpc run | sweep | report | export | inspect | bench`: one entry point, the same under python, mpiexec, srun.
 
     fedhpc run configs/quickstart.yaml strategy.name=ffa_lora train.local_epochs=2
     mpiexec -n 4 fedhpc run configs/quickstart.yaml
@@ -8,6 +8,7 @@
     fedhpc export runs/quickstart --client 3 --out exports/client3   # or --global
     fedhpc inspect runs/quickstart/checkpoints/round-000005.h5
     fedhpc bench kernels | throughput | checkpoint
+    fedhpc sweep configs/sweeps/hilora_latent.yaml [--dry-run | --point I | --table]   # fedhpc/sweep.py
 
 Exit codes: 0 done, 1 crash, 2 bad input (one line naming what to fix), 75 preempted by
 SIGTERM / SIGUSR1 after writing a checkpoint (fedhpc.runtime.preempt), 74 the disk filled up
@@ -179,6 +180,33 @@ def _report(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    """`fedhpc sweep`: methods x options x seeds, tuned on tuning seeds, one table (fedhpc/sweep.py)."""
+    from mpi4py import MPI
+
+    from .runtime.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
+    from .runtime.world import check_launch
+
+    comm = MPI.COMM_WORLD
+    try:
+        check_launch(comm)
+    except RuntimeError as err:
+        return _fail(str(err), code=2, comm=comm)
+    from .configtree import ConfigError
+    from .io.checkpoint import CheckpointError
+    from .sweep import main as sweep_main
+
+    with PreemptionGuard() as guard:
+        try:
+            return sweep_main(args, comm, guard=guard)
+        except (ConfigError, CheckpointError, FileNotFoundError) as err:
+            return _fail(str(err).splitlines()[0], code=2, comm=comm)
+        except Preempted as stop:
+            if comm.Get_rank() == 0:
+                print(f"fedhpc: {stop}; run the sweep again to go on", flush=True)
+            return PREEMPTED_EXIT_CODE
+
+
 def _bench(args) -> int:
     import runpy
     from pathlib import Path
@@ -219,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect = sub.add_parser("inspect", help="contents and checksum status of a checkpoint file")
     p_inspect.add_argument("file", help="checkpoint file (runs/<name>/checkpoints/round-*.h5)")
     p_inspect.set_defaults(func=_inspect)
+    p_sweep = sub.add_parser("sweep", help="methods x options x seeds with tuned learning rates, one table")
+    p_sweep.add_argument("sweep", help="sweep file (configs/sweeps/*.yaml; format in fedhpc/sweep.py)")
+    what = p_sweep.add_mutually_exclusive_group()
+    what.add_argument("--dry-run", action="store_true", help="list the points known now and their state")
+    what.add_argument("--point", type=int, help="run only point I of --dry-run's list (a Slurm array task)")
+    what.add_argument("--table", action="store_true", help="write the table from the finished points only")
+    p_sweep.set_defaults(func=_sweep)
     p_bench = sub.add_parser("bench", help="run a benchmark from bench/")
     p_bench.add_argument("which", choices=sorted(BENCHES))
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
