@@ -51,9 +51,39 @@ def test_report_table_and_plots(tmp_path):
     assert running["status"] == "incomplete (3/4 rounds)"
     assert float(running["personalized mean"]) == pytest.approx(0.6)
     assert running["wall s"] == "–"
-    for name in PLOTS:
+    first, second = (0.122, 0.467, 0.706), (1.0, 0.498, 0.055)  # matplotlib's C0 and C1: the two runs' lines
+    for name in (PLOTS[0], PLOTS[2]):  # accuracy per round and against MB: both runs drawn
         image = imread(out / name)
-        assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.01, name
+        for colour in (first, second):  # a line across the axes, not a legend swatch
+            assert _pixels(image, colour) > 40 and _span(image, colour) > image.shape[1] // 4, name
+    clients = imread(out / PLOTS[1])[..., :3]  # boxes with orange medians and each client as a half-gray dot
+    orange = lambda im: int(((im[..., 0] > 0.9) & (im[..., 1] > 0.4) & (im[..., 1] < 0.7) & (im[..., 2] < 0.35)).sum())
+    assert orange(clients) > 50 and _pixels(clients, (0.75, 0.75, 0.75), tol=0.03) > 20
+    # the same checks see nothing in plots of runs that logged nothing
+    empty = [RunDir(tmp_path / "z" / n, active=True) for n in ("e1", "e2")]
+    for run in empty:
+        run.write_config({"name": run.path.name, "rounds": 3, "strategy": {"name": "fedit"}})
+        run.write_client_accuracy(0, np.arange(0), np.zeros(0))
+    write_report([run.path for run in empty], tmp_path / "empty")
+    for name in (PLOTS[0], PLOTS[2]):
+        image = imread(tmp_path / "empty" / name)
+        assert _pixels(image, first) == 0 and _pixels(image, second) == 0, name
+    assert orange(imread(tmp_path / "empty" / PLOTS[1])[..., :3]) == 0
+
+
+def _match(image, rgb, tol=0.06):
+    return (np.abs(image[..., :3] - np.array(rgb)) < tol).all(-1)
+
+
+def _pixels(image, rgb, tol=0.06) -> int:
+    """Pixels of this colour (RGB in [0, 1]) in a PNG read by matplotlib."""
+    return int(_match(image, rgb, tol).sum())
+
+
+def _span(image, rgb) -> int:
+    """Width in pixels between the leftmost and rightmost pixel of this colour."""
+    cols = np.flatnonzero(_match(image, rgb).any(0))
+    return int(cols[-1] - cols[0]) if len(cols) else 0
 
 
 def test_report_names_a_missing_run(tmp_path, capsys):
