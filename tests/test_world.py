@@ -89,7 +89,32 @@ def test_torch_threads_follow_omp_num_threads_then_cpus_per_task(slurm_env, keep
     assert torch.get_num_threads() == 3
     os.environ.pop("SLURM_CPUS_PER_TASK")
     make_world(MPI.COMM_SELF, num_clients=4)  # one rank on this node: every core
-    assert torch.get_num_threads() == max(1, os.cpu_count())
+    assert torch.get_num_threads() == _online_cores()
     slurm_env(SLURM_CPUS_PER_TASK=3, OMP_NUM_THREADS=1)  # the user's explicit choice wins
     make_world(MPI.COMM_SELF, num_clients=4)
     assert torch.get_num_threads() == 1
+
+
+def _online_cores() -> int:
+    """The node's online cores, from getconf (not from the code under test)."""
+    import subprocess
+
+    return int(subprocess.run(["getconf", "_NPROCESSORS_ONLN"], capture_output=True, text=True, check=True).stdout)
+
+
+def test_ranks_on_one_node_share_its_cores(tmp_path):
+    """Two ranks on this node, no OMP_NUM_THREADS and no Slurm: each takes half the cores (at least 1)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, mpiexec_path
+
+    code = ("import json, torch; from mpi4py import MPI; from fedhpc.runtime.world import make_world; "
+            "make_world(MPI.COMM_WORLD, num_clients=4); print(json.dumps(torch.get_num_threads()))")
+    env = {k: v for k, v in os.environ.items() if k not in SLURM_VARS}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads(line) for line in done.stdout.split()] == [max(1, _online_cores() // 2)] * 2
