@@ -16,20 +16,26 @@ from .kernel_testing import assert_rel_close, orthonormality_error, random_bases
 
 
 class FakeExtension:
-    """fedhpc._cuda semantics: cholqr2 -> (Q, R, ok) with zeros where rejected; S = ‖UᵢᵀVⱼ‖²/r."""
+    """fedhpc._cuda semantics: cholqr2 -> (Q, R, ok) with zeros where rejected; S = ‖UᵢᵀVⱼ‖²/r.
+
+    Written from that contract with numpy, not from the torch reference's internals: Q R by
+    numpy's Householder QR in float64 with diag(R) >= 0, rejected (ok False, zeros) where the
+    matrix is not finite or its condition number exceeds what CholeskyQR2 handles in float32."""
 
     def __init__(self):
         self.symmetric_calls = 0
 
     def cholqr2(self, X, tolerance):
         assert X.dtype == torch.float32 and X.is_contiguous() and tolerance == cholqr_ref.TOLERANCE
-        R1, W1, ok1 = cholqr_ref.cholesky_inverse_factors(X.mT @ X)
-        Q1 = X @ W1
-        G2 = Q1.mT @ Q1
-        R2, W2, ok2 = cholqr_ref.cholesky_inverse_factors(G2)
-        ok = cholqr_ref.accepted(ok1, ok2, G2)
-        keep = ok[:, None, None].float()
-        return torch.nan_to_num(Q1 @ W2) * keep, torch.nan_to_num(R2 @ R1) * keep, ok
+        b, d, r = X.shape
+        Q, R, ok = np.zeros((b, d, r)), np.zeros((b, r, r)), np.zeros(b, dtype=bool)
+        for i, x in enumerate(X.double().numpy()):
+            if not np.isfinite(x).all() or np.linalg.cond(x) > 1e3:
+                continue
+            q, rr = np.linalg.qr(x)
+            sign = np.where(np.diag(rr) < 0, -1.0, 1.0)
+            Q[i], R[i], ok[i] = q * sign, sign[:, None] * rr, True
+        return torch.from_numpy(Q).float(), torch.from_numpy(R).float(), torch.from_numpy(ok)
 
     def subspace_similarity(self, U, V):
         assert U.dtype == V.dtype == torch.float32 and U.shape[1:] == V.shape[1:]
