@@ -49,8 +49,14 @@ class Run:
 def assemble(cfg: ExperimentConfig, comm) -> Run:
     world = make_world(comm, num_clients=cfg.num_clients, device=cfg.device)
     modality = "text" if cfg.model.family == "hf" else "image"
+    # Planted data with a latent teacher is built per rank: each rank draws only its own clients'
+    # samples (the same bits per client at any rank count). The backbone teacher relabels every
+    # client's samples and a proxy set takes samples from all clients, so those build everything.
+    per_rank = (cfg.data.name == "planted" and cfg.data.planted.teacher == "latent"
+                and cfg.strategy.proxy_samples() == 0)
     data = build_federated_data(cfg.data, num_clients=cfg.num_clients, seed=cfg.seed, modality=modality,
-                                seq_len=cfg.model.seq_len, tokenizer=cfg.model.name if modality == "text" else "")
+                                seq_len=cfg.model.seq_len, tokenizer=cfg.model.name if modality == "text" else "",
+                                hosted=world.clients if per_rank else None)
     lora = adapter_lora(cfg)
     ranks = ClientRanks(lora.client_ranks(cfg.num_clients, seed=cfg.seed), lora.lora_alpha)
     model = build_cohort_model(cfg.model, lora, num_classes=data.num_classes, seed=cfg.seed, device=world.device,

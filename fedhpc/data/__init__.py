@@ -46,7 +46,8 @@ def list_datasets() -> list[str]:
 
 def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
                          modality: Literal["image", "text"] = "image", seq_len: int = 32,
-                         vocab_size: int = 1000, tokenizer: str = "") -> FederatedData:
+                         vocab_size: int = 1000, tokenizer: str = "",
+                         hosted: np.ndarray | None = None) -> FederatedData:
     """Load `cfg.name` and split it over `num_clients` clients.
 
     Args:
@@ -59,10 +60,17 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
         vocab_size: distinct token ids a text sample may use.
         tokenizer: the Hugging Face model (`model.name`) whose tokenizer turns text into token ids
             (`hf` text columns).
+        hosted: planted data only: build only these clients' samples (a rank's own clients; the
+            same bits per client as the full build, see `load_planted`). None: every client's.
     """
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {cfg.name!r}; known: {', '.join(list_datasets())}")
     with single_threaded():  # the same bits whatever the thread count (fedhpc/single_thread.py)
+        if hosted is not None:
+            if cfg.name != "planted":
+                raise ValueError(f"hosted: only planted data is built per rank, not {cfg.name!r}")
+            text = TextShape(seq_len=seq_len, vocab_size=vocab_size) if modality == "text" else None
+            return load_planted(cfg, num_clients=num_clients, seed=seed, text=text, hosted=hosted)
         return _build(cfg, num_clients=num_clients, seed=seed, modality=modality, seq_len=seq_len,
                       vocab_size=vocab_size, tokenizer=tokenizer)
 

@@ -2,7 +2,9 @@
 
 Every loader returns a `FederatedData`. Samples stay in one pool per split (no per-client
 copies); clients are index arrays into it. Every rank builds the same object from the
-same seed, so placement of clients on ranks never changes what a client holds.
+same seed, so placement of clients on ranks never changes what a client holds (planted data
+with a latent teacher is built per rank instead: only the rank's own clients' samples, the same
+bits for each of them; `hosted`).
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ class FederatedData:
     layer_groups: np.ndarray | None = None
     """`[layers, num_clients]` true group of each client at each adapted block, shallow to deep
     (planted data with a depth profile, `data.planted.depth_profile`), or None."""
+
+    hosted: np.ndarray | None = None
+    """Sorted ids of the clients whose samples the pools hold (planted data built per rank:
+    `load_planted(hosted=...)`); None: every client's. Another client's index arrays have their
+    true length but point past the pools' end."""
 
     @property
     def num_clients(self) -> int:

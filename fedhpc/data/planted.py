@@ -96,9 +96,19 @@ def _low_rank(rng: np.random.Generator, shape: tuple[int, int], rank: int, norm:
     return p * (norm / np.linalg.norm(p))
 
 
+CALIBRATION_BLOCK = 64
+"""Teachers calibrated at once: each teacher's bias depends on that teacher alone, so blocks give
+the same bits as one pass, and the `[block, CALIBRATION_SAMPLES, K]` logits stay small (all
+10⁴ teachers at once held 3.3 GB of float64 logits)."""
+
+
 def _balancing_bias(weight: np.ndarray, z: np.ndarray) -> np.ndarray:
     """`[T, K]` biases that make each teacher's argmax classes (near-)uniform on z: lower
-    the logits of frequent classes and raise rare ones until the frequencies settle."""
+    the logits of frequent classes and raise rare ones until the frequencies settle
+    (CALIBRATION_BLOCK teachers at a time)."""
+    if len(weight) > CALIBRATION_BLOCK:
+        return np.concatenate([_balancing_bias(weight[lo:lo + CALIBRATION_BLOCK], z)
+                               for lo in range(0, len(weight), CALIBRATION_BLOCK)])
     logits = torch.from_numpy(z @ np.swapaxes(weight, -1, -2))
     num_teachers, num_classes = weight.shape[:2]
     bias = torch.zeros((num_teachers, num_classes), dtype=torch.float64)
@@ -109,7 +119,10 @@ def _balancing_bias(weight: np.ndarray, z: np.ndarray) -> np.ndarray:
     return bias.numpy()
 
 
-def plant_teachers(cfg: PlantedConfig, *, num_clients: int, seed: int) -> Teachers:
+def plant_teachers(cfg: PlantedConfig, *, num_clients: int, seed: int,
+                   hosted: np.ndarray | None = None) -> Teachers:
+    """Every client's teacher; with `hosted` (client ids) only those clients' biases are
+    calibrated (the others' are NaN): a client's teacher never depends on which others are built."""
     shape, rank = (cfg.num_classes, cfg.latent_dim), cfg.perturbation_rank
     root = make_rng(seed, "planted-root").standard_normal(shape)
     scale = np.linalg.norm(root)
@@ -121,9 +134,14 @@ def plant_teachers(cfg: PlantedConfig, *, num_clients: int, seed: int) -> Teache
         + cfg.client_strength * _low_rank(make_rng(seed, "planted-client", k), shape, rank, scale)
         for k in range(num_clients)])
     reference = make_rng(seed, "planted-calibration").standard_normal((CALIBRATION_SAMPLES, cfg.latent_dim))
-    bias = _balancing_bias(np.concatenate([root[None], weight]), reference)
-    return Teachers(root_weight=root, root_bias=bias[0], weight=weight, bias=bias[1:],
-                    clusters=clusters)
+    if hosted is None:
+        bias = _balancing_bias(np.concatenate([root[None], weight]), reference)
+        return Teachers(root_weight=root, root_bias=bias[0], weight=weight, bias=bias[1:], clusters=clusters)
+    hosted = np.asarray(hosted, dtype=np.int64)
+    calibrated = _balancing_bias(np.concatenate([root[None], weight[hosted]]), reference)
+    bias = np.full((num_clients, cfg.num_classes), np.nan)
+    bias[hosted] = calibrated[1:]
+    return Teachers(root_weight=root, root_bias=calibrated[0], weight=weight, bias=bias, clusters=clusters)
 
 
 def _unit_power(patterns: np.ndarray) -> np.ndarray:
@@ -190,7 +208,12 @@ def _pool(per_client: list[np.ndarray], part: slice) -> torch.Tensor:
 
 
 def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
-                 text: TextShape | None = None) -> FederatedData:
+                 text: TextShape | None = None, hosted: np.ndarray | None = None) -> FederatedData:
+    """The planted federation. With `hosted` (sorted client ids: the rank's own clients) only those
+    clients' samples are drawn and pooled, in client order, bit for bit what the full build gives
+    them (each client's teacher and samples come from its own streams); every other client keeps
+    index arrays of its true length that point past the end of the pools, so `num_examples` is
+    right and touching its samples fails. `FederatedData.hosted` records the set."""
     planted = cfg.planted
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -199,7 +222,8 @@ def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
     if num_train < 1:
         raise ValueError(f"planted.samples_per_client={planted.samples_per_client} leaves no "
                          f"training sample after test_fraction={cfg.test_fraction}; raise it")
-    teachers = plant_teachers(planted, num_clients=num_clients, seed=seed)
+    teachers = plant_teachers(planted, num_clients=num_clients, seed=seed, hosted=hosted)
+    built = np.arange(num_clients) if hosted is None else np.asarray(hosted, dtype=np.int64)
     if text is None:
         render = partial(render_images, decoder=image_decoder(planted.latent_dim, cfg.image_size, seed))
     else:
@@ -207,8 +231,8 @@ def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
                          seq_len=text.seq_len)
 
     xs, ys = [], []
-    for k in range(num_clients):
-        rng = make_rng(seed, "planted-samples", k)
+    for k in built:
+        rng = make_rng(seed, "planted-samples", int(k))
         z = rng.standard_normal((planted.samples_per_client, planted.latent_dim))
         xs.append(render(z, rng))
         ys.append(teacher_labels(teachers.weight[k], teachers.bias[k], z))
@@ -217,6 +241,10 @@ def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
     rng = make_rng(seed, "planted-global")
     z = rng.standard_normal((planted.global_test_size, planted.latent_dim))
     blocks = np.arange(num_clients)[:, None]
+    if hosted is not None:  # hosted clients: their place among the built ones; others: past the pools' end
+        place = np.full(num_clients, len(built) + 1, dtype=np.int64)
+        place[built] = np.arange(len(built))
+        blocks = place[:, None]
     return FederatedData(
         name="planted", num_classes=planted.num_classes,
         train_x=_pool(xs, train), train_y=_pool(ys, train),
@@ -227,4 +255,5 @@ def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
         client_test=list(blocks * num_test + np.arange(num_test)),
         groups=teachers.clusters,
         unseen=choose_unseen(num_clients, fraction=cfg.unseen_fraction, rng=make_rng(seed, "unseen")),
+        hosted=None if hosted is None else built,
     )
