@@ -49,11 +49,14 @@ class PlantedConfig:
     latent_dim: int = 16
     """Dimension of the latent code from which images are decoded."""
     cluster_strength: float = 0.7
-    """Scale of the per-cluster low-rank perturbation of the teacher, relative to the root
-    (Frobenius norms). 0.7 with `client_strength` 0.15 gives label agreement ~0.85 inside a
-    cluster and ~0.47 across clusters."""
+    """Scale of the per-cluster low-rank perturbation of the teacher (Frobenius norms): relative to
+    the root ||W_root|| for the latent teacher; relative to the frozen weight ||W0|| for the backbone
+    teacher, whose root part is 0.5 ||W0|| (fedhpc.models.teacher.ROOT_STRENGTH), so there 0.7 is 1.4x
+    the root. 0.7 with `client_strength` 0.15 gives label agreement ~0.85 inside a cluster and ~0.47
+    across clusters."""
     client_strength: float = 0.15
-    """Scale of the per-client low-rank perturbation, relative to the root."""
+    """Scale of the per-client low-rank perturbation, on the same footing as `cluster_strength`
+    (backbone teacher: 0.15 ||W0||, 0.3x the root part)."""
     perturbation_rank: int = 2
     """Rank of each planted perturbation."""
     global_test_size: int = 1000
