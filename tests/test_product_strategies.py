@@ -9,7 +9,7 @@ import torch
 from mpi4py import MPI
 
 from fedhpc.configtree import build
-from fedhpc.models.ranks import ClientRanks, mask_to_ranks
+from fedhpc.models.ranks import ClientRanks
 from fedhpc.runtime.exchange import modelled_bytes
 from fedhpc.runtime.reduce import Reduction
 from fedhpc.strategies import Population, StrategyConfig, build_strategy
@@ -21,6 +21,21 @@ KEYS = {"m.lora_A": (R_MAX, D_IN), "m.lora_B": (D_OUT, R_MAX), "n.lora_A": (R_MA
 RANKS = np.array([2, 4, 1, 4, 2])  # client k has rank RANKS[k]
 MODULES = {"m": (D_OUT, D_IN), "n": (9, 5)}
 NUM_EXAMPLES = np.array([3.0, 1.0, 2.0, 4.0, 5.0])  # client k's samples: the weight of its upload
+
+
+def _cut(tensors, ranks):
+    """Entries beyond each client's rank set to zero by explicit slicing (rows of A, columns of B),
+    written here rather than with fedhpc's own mask_to_ranks."""
+    out = {}
+    for key, t in tensors.items():
+        t = t.clone()
+        for c, r in enumerate(torch.as_tensor(ranks).tolist()):
+            if ".lora_A" in key:  # also a factor's extras (`m.lora_A.cv`)
+                t[c, r:] = 0
+            elif ".lora_B" in key:
+                t[c, :, r:] = 0
+        out[key] = t
+    return out
 
 
 def _make(name, ranks=RANKS, seed=0, **options):
@@ -56,7 +71,7 @@ def _trained(clients, seed, ranks=RANKS, garbage=0.0):
     """Random trained adapters cut to rank; `garbage` fills the padded entries instead of 0."""
     g = torch.Generator().manual_seed(seed)
     out = {k: torch.randn(len(clients), *s, generator=g) for k, s in KEYS.items()}
-    clean = mask_to_ranks(out, torch.as_tensor(ranks[clients]))
+    clean = _cut(out, torch.as_tensor(ranks[clients]))
     return {k: clean[k] + garbage * (out[k] - clean[k]).sign() for k in out}
 
 
@@ -81,7 +96,7 @@ def _dense(trained, clients, weights, module, *, scaled=True):
 
 def _client_product(strategy, server, client, module, *, with_scaling=True):
     """What client `client` starts from, as its effective update s_k B_k A_k (float64)."""
-    start = mask_to_ranks(_start(strategy, server, np.array([client])), torch.as_tensor(RANKS[[client]]))
+    start = _cut(_start(strategy, server, np.array([client])), torch.as_tensor(RANKS[[client]]))
     s = ALPHA / RANKS[client] if with_scaling else 1.0
     return s * start[f"{module}.lora_B"][0].double().numpy() @ start[f"{module}.lora_A"][0].double().numpy()
 
@@ -161,16 +176,16 @@ def test_ilora_control_variates_are_rank_aware():
     g = torch.Generator().manual_seed(4)
     server = {k: (torch.randn(v.shape, generator=g) if k.endswith(".cv") else v) for k, v in server.items()}
     state = {k: torch.randn(2, *v.shape[1:], generator=g) for k, v in s.init_client(_init()).items()}
-    state = mask_to_ranks(state, torch.as_tensor(RANKS[clients]))
+    state = _cut(state, torch.as_tensor(RANKS[clients]))
     hooks = s.configure_client(server, state, clients, Task.TRAIN).hooks
-    steps = [mask_to_ranks({k: torch.randn(2, *KEYS[k], generator=g) for k in KEYS}, torch.as_tensor(RANKS[clients]))
+    steps = [_cut({k: torch.randn(2, *KEYS[k], generator=g) for k in KEYS}, torch.as_tensor(RANKS[clients]))
              for _ in range(3)]
     active = [torch.tensor([True, True]), torch.tensor([True, False]), torch.tensor([True, True])]
     for raw, act in zip(steps, active):
         grads = {k: v.clone() for k, v in raw.items()}
         hooks.grads(grads, {})
         for k in KEYS:  # g + (c - c_k) with c sliced to the client's rank
-            corr = mask_to_ranks({k: server[k + ".cv"].expand(2, *KEYS[k]) - state[k + ".cv"]},
+            corr = _cut({k: server[k + ".cv"].expand(2, *KEYS[k]) - state[k + ".cv"]},
                                  torch.as_tensor(RANKS[clients]))[k]
             torch.testing.assert_close(grads[k], raw[k] + corr)
         hooks.stepped(act)
@@ -210,7 +225,7 @@ def test_hetlora_prunes_a_client_whose_tail_norm_shrank():
     server = {**server, **_trained(np.array([1]), 7)}  # a nonzero server LoRA at r_max
     clients = np.array([1, 3])  # both rank 4: tail = ranks 2..3
     state = _state(s, clients)
-    start = mask_to_ranks(_start(s, server, clients, state), torch.as_tensor(RANKS[clients]))
+    start = _cut(_start(s, server, clients, state), torch.as_tensor(RANKS[clients]))
     trained = {k: v.clone() for k, v in start.items()}
     for m in MODULES:  # client 1 shrinks its tail, client 3 grows it
         trained[f"{m}.lora_B"][0, :, 2:] *= 0.5
