@@ -255,3 +255,47 @@ def test_any_clients_per_pass_of_two_or_more_gives_the_same_numbers(tmp_path):
                          [{k: v for k, v in m.items() if k not in drop} for m in lines],
                          json.loads((folder / "client_accuracy.json").read_text()))
     assert got[2] == got[3] == got[6]
+
+
+class _Correction(LocalHooks):
+    """A SCAFFOLD-like hook: adds a fixed per-client correction to every gradient, counts steps taken."""
+
+    def __init__(self, shift):
+        self.shift, self.taken = shift, 0
+
+    def grads(self, grads, adapters):
+        for key, g in grads.items():
+            g.add_(self.shift[key])
+
+    def stepped(self, active):
+        self.taken += int(active.sum())
+
+
+def test_a_hooks_gradient_transform_reaches_the_step_before_clipping():
+    cohort = build_cohort_model(MODEL, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"]),
+                                num_classes=5, seed=0)
+    x, y, g = _data(4, 40)
+    indices = [np.arange(0, 16), np.arange(16, 40)]
+    ids = np.array([3, 9])
+    opt_cfg = OptimConfig(name="sgd", lr=5e-2, momentum=0.5)
+    cfg = TrainConfig(local_epochs=1, batch_size=8, optimizer=opt_cfg, max_grad_norm=1.0)
+    adapters = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in cohort.init_adapters(2, g).items()}
+    start = {k: v.clone() for k, v in adapters.items()}
+    shift = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in adapters.items()}
+    hooks = _Correction(shift)
+    local_train(cohort, adapters=adapters, opt_state=StackedOptimizer(opt_cfg).init_state(adapters),
+                trainable=list(adapters), x=x, y=y, client_ids=ids, client_indices=indices, seed=1, round_index=1,
+                cfg=cfg, hooks=hooks)
+    assert hooks.taken == 2 + 3  # the clients' steps, each counted once
+    for k, c in enumerate(ids):
+        model, params = _peft_client({n: v[k] for n, v in start.items()}, 4, 8)
+        opt = torch.optim.SGD(params.values(), lr=opt_cfg.lr, momentum=opt_cfg.momentum)
+        for rows in client_batches(indices[k], seed=1, client=int(c), round_index=1, cfg=cfg):
+            opt.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            for n, p in params.items():
+                p.grad += shift[n][k]
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            opt.step()
+        for key, value in params.items():
+            torch.testing.assert_close(adapters[key][k], value.detach(), rtol=2e-4, atol=2e-5, msg=f"client {c} {key}")
