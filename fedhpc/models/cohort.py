@@ -157,7 +157,16 @@ class CohortLoRALinear(nn.Module):
         self.index = index  # distinguishes layers in the keyed dropout stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        if self.binding.adapters is not None and torch.is_autocast_enabled(x.device.type):
+            # train.precision=bf16: the frozen product runs in bf16, the adapters' own products
+            # and the sum they add to in float32 (their gradients reach float32 leaves anyway)
+            out = self.base(x)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._adapt(x.float(), out.float())
+        return self._adapt(x, self.base(x))
+
+    def _adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (the frozen layer's output for `x`) plus every bound update."""
         adapters = self.binding.adapters
         if adapters is None:
             return out
@@ -210,6 +219,9 @@ class CohortHead(nn.Module):
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # train.precision=bf16: the head stays float32
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float())
         w = self.binding.adapters["head.weight"]                       # [C, out, in]
         bias = self.binding.adapters["head.bias"]                      # [C, out]
         h = x.reshape(w.shape[0], -1, x.shape[-1])

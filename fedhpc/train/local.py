@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from ..models.cohort import CohortModel
 from ..models.dropout import client_keys
 from ..models.ranks import mask_to_ranks
 from ..rng import Purpose, keyed_rng
+from .fused import cohort_forward, precision_context
 from .optim import OptimConfig, StackedOptimizer, clip_per_client
 from .plan import LocalHooks, Optimizer
 
@@ -45,6 +47,16 @@ class TrainConfig:
     value >= 2 gives the same numbers, so the probe never changes results."""
     eval_batch_size: int = 64
     """Rows per client per evaluation pass."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Local training's forward/backward arithmetic. bf16: the frozen backbone's matmuls and
+    attention under bf16 autocast; the adapters' products, head, loss, gradients, adapters and
+    optimizer state stay float32 (`train/fused.py`). Changes results by bf16 rounding, so fp32
+    is the default; evaluation always runs in fp32."""
+    compile: bool = False
+    """torch.compile (inductor) the cohort forward and its backward, one static-shape graph per
+    pass size, kept across rounds (`train/fused.py`). Results differ from eager by float32
+    rounding (fused kernels reorder sums), so it is opt-in; the first pass of each size waits
+    for the compiler."""
 
     def __post_init__(self):
         for name in ("local_epochs", "batch_size", "eval_batch_size"):
@@ -52,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.local_steps < 0 or self.clients_per_pass < 0 or self.max_grad_norm < 0:
             raise ValueError("local_steps, clients_per_pass and max_grad_norm must be >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got '{self.precision}'")
 
 
 def client_batches(indices: np.ndarray, *, seed: int, client: int, round_index: int, cfg: TrainConfig) -> list[np.ndarray]:
@@ -130,6 +144,7 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
     start = {k: v.detach().clone() for k, v in adapters.items()}
     movable = {k: m.to(device) for k in trainable if (m := hooks.movable(k)) is not None}
     ids = torch.as_tensor(client_ids, dtype=torch.int64)
+    forward = cohort_forward(model, compile=cfg.compile)
     for step in range(steps):
         index, mask, active = _step_batch(plans, step, cfg.batch_size)
         xb = x[torch.from_numpy(index.reshape(-1))].to(device, non_blocking=True)
@@ -139,7 +154,8 @@ def local_train(model: CohortModel, *, adapters: dict[str, torch.Tensor], opt_st
         probes = {k: p.detach().requires_grad_(True) for k, p in hooks.probes(step).items()}
         live.update(probes)
         keys = client_keys(seed, ids, round_index, step).to(device) if dropout else None
-        logits = model(xb, live, scaling=scaling, dropout_keys=keys)
+        with precision_context(cfg.precision, xb.device):
+            logits = forward(xb, live, scaling=scaling, dropout_keys=keys)
         per_row = F.cross_entropy(logits.float(), yb, reduction="none").view(count, -1)
         per_client = (per_row * mask_t).sum(1) / mask_t.sum(1).clamp(min=1)
         extra = hooks.loss(live, start)
@@ -185,10 +201,12 @@ def _step_batch(plans: list[list[np.ndarray]], step: int, batch: int):
 
 
 def probe_clients_per_pass(model: CohortModel, *, sample: torch.Tensor, batch_size: int, max_clients: int,
-                           trainable: list[str], budget_s: float = 2.0) -> int:
+                           trainable: list[str], budget_s: float = 2.0, precision: str = "fp32") -> int:
     """Clients per pass with the best measured clients/s on this device, doubling from 2.
 
-    `sample` is one input row; the probe times forward + backward of a synthetic cohort.
+    `sample` is one input row; the probe times forward + backward of a synthetic cohort, in
+    `precision` (`train.precision`). It times the eager path even for `train.compile`: a
+    compiled graph per probed size would cost the compiler's time many times over.
     Stops after two doublings in a row fail to beat the best rate so far (on a CPU the gain
     per doubling is a few per cent, within timing noise, so one reading must not end the
     search), or once the time budget is spent.
@@ -204,7 +222,8 @@ def probe_clients_per_pass(model: CohortModel, *, sample: torch.Tensor, batch_si
         xb = sample.expand(size * batch_size, *sample.shape).contiguous()
 
         def step():
-            out = model(xb, adapters)
+            with precision_context(precision, xb.device):
+                out = model(xb, adapters)
             torch.autograd.grad(out.float().square().mean(), [adapters[k] for k in trainable])
             if sample.device.type == "cuda":
                 torch.cuda.synchronize(sample.device)  # host sync: time the kernels, not their launch

@@ -79,43 +79,65 @@ class StackedOptimizer:
              state: dict[str, torch.Tensor], active: torch.Tensor | None = None, lr_scale: float = 1.0,
              movable: dict[str, torch.Tensor] | None = None) -> None:
         """One update of every active client, in place, at learning rate `lr_scale` x cfg.lr.
-        `movable[key]` (bool, broadcastable) limits the update, weight decay included, to its entries."""
+        `movable[key]` (bool, broadcastable) limits the update, weight decay included, to its entries.
+
+        Multi-tensor: each elementwise op runs once over the list of every key (`torch._foreach_*`)
+        rather than once per key; every element sees the same ops in the same order as a per-key
+        loop, so the numbers are the same bit for bit (tests/test_fused.py)."""
         cfg = self.cfg
         lr = cfg.lr * lr_scale
         count = state["step"].shape[0]
         act = torch.ones(count, dtype=torch.bool, device=state["step"].device) if active is None else active
         state["step"] += act.to(torch.int64)
         everyone = bool(act.all())
+        keys = list(grads)
+        if not keys:
+            return
+        p, g = [params[k] for k in keys], [grads[k] for k in keys]
+        shapes = [(count,) + (1,) * (t.dim() - 1) for t in p]
         if cfg.name == "adamw":
             t = state["step"].clamp(min=1).to(torch.float64)
             bc1 = 1 - cfg.betas[0] ** t
             bc2_sqrt = (1 - cfg.betas[1] ** t).sqrt()
             step_size = (lr / bc1).to(torch.float32)
-        for key, grad in grads.items():
-            p = params[key]
-            shape = (count,) + (1,) * (p.dim() - 1)
-            mask = None if everyone else act.view(shape)
-            if cfg.name == "adamw":
-                m, v = state[f"{key}.exp_avg"], state[f"{key}.exp_avg_sq"]
-                new_m = torch.lerp(m, grad, 1 - cfg.betas[0])
-                new_v = v * cfg.betas[1] + grad * grad * (1 - cfg.betas[1])
-                denom = new_v.sqrt() / bc2_sqrt.to(v.dtype).view(shape) + cfg.eps
-                update = new_m / denom * step_size.view(shape)
-                if cfg.weight_decay:
-                    update = update + p * (lr * cfg.weight_decay)
-                _assign(m, new_m, mask)
-                _assign(v, new_v, mask)
-            else:
-                update = grad + p * cfg.weight_decay if cfg.weight_decay else grad
-                if cfg.momentum > 0:
-                    buf = state[f"{key}.momentum"]
-                    new_buf = buf * cfg.momentum + update
-                    _assign(buf, new_buf, mask)
-                    update = new_buf
-                update = update * lr
-            if movable and key in movable:
-                update = update * movable[key]
-            _assign(p, p - update, mask)
+            m = [state[f"{k}.exp_avg"] for k in keys]
+            v = [state[f"{k}.exp_avg_sq"] for k in keys]
+            new_m = torch._foreach_lerp(m, g, 1 - cfg.betas[0])
+            new_v = torch._foreach_add(torch._foreach_mul(v, cfg.betas[1]),
+                                       torch._foreach_mul(torch._foreach_mul(g, g), 1 - cfg.betas[1]))
+            denom = torch._foreach_div(torch._foreach_sqrt(new_v),
+                                       [bc2_sqrt.to(x.dtype).view(s) for x, s in zip(v, shapes)])
+            torch._foreach_add_(denom, cfg.eps)
+            update = torch._foreach_div(new_m, denom)
+            torch._foreach_mul_(update, [step_size.view(s) for s in shapes])
+            if cfg.weight_decay:
+                update = torch._foreach_add(update, torch._foreach_mul(p, lr * cfg.weight_decay))
+            _assign_all(m, new_m, act, shapes, everyone)
+            _assign_all(v, new_v, act, shapes, everyone)
+        else:
+            update = torch._foreach_add(g, torch._foreach_mul(p, cfg.weight_decay)) if cfg.weight_decay else g
+            if cfg.momentum > 0:
+                buf = [state[f"{k}.momentum"] for k in keys]
+                new_buf = torch._foreach_add(torch._foreach_mul(buf, cfg.momentum), update)
+                _assign_all(buf, new_buf, act, shapes, everyone)
+                update = new_buf
+            update = torch._foreach_mul(update, lr)
+        if movable:
+            update = [u * movable[k] if k in movable else u for k, u in zip(keys, update)]
+        if everyone:
+            torch._foreach_sub_(p, update)
+        else:
+            _assign_all(p, torch._foreach_sub(p, update), act, shapes, everyone)
+
+
+def _assign_all(dst: list[torch.Tensor], src: list[torch.Tensor], act: torch.Tensor, shapes: list[tuple],
+                everyone: bool) -> None:
+    """dst[i] <- src[i] for the active clients (all of them: one multi-tensor copy)."""
+    if everyone:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s, shape in zip(dst, src, shapes):
+            _assign(d, s, act.view(shape))
 
 
 def _assign(dst: torch.Tensor, src: torch.Tensor, mask: torch.Tensor | None) -> None:
