@@ -238,13 +238,17 @@ def _hooks_descent(active, steps=300, lr=0.05):
     if active == LEAF:
         ref = ref + 0.2 * (B[..., R:2 * R].mT @ B[..., 2 * R:]).square().sum((1, 2))
     torch.testing.assert_close(hooks.loss(adapters, before), ref)
+    from fedhpc.train.optim import OptimConfig, StackedOptimizer
+
+    opt = StackedOptimizer(OptimConfig(name="sgd", lr=lr))  # the real update, masked by the hooks' movable
+    state = opt.init_state(adapters)
+    movable = {k: hooks.movable(k) for k in adapters}
     for _ in range(steps):
         live = {k: v.clone().requires_grad_(True) for k, v in adapters.items()}
         gB, gA = torch.autograd.grad(hooks.loss(live, before).sum(), [live["m.lora_B"], live["m.lora_A"]],
                                      allow_unused=True)
-        grads = {"m.lora_B": gB, "m.lora_A": torch.ones_like(A) if gA is None else gA}
-        grads = {k: v * hooks.movable(k) for k, v in grads.items()}  # as local_train masks them
-        adapters = {k: adapters[k] - lr * grads[k] for k in adapters}
+        grads = {"m.lora_B": gB, "m.lora_A": torch.ones_like(A) if gA is None else gA}  # unmasked: every tier pulled
+        opt.step(adapters, grads, state, movable=movable)
     return before, adapters
 
 
