@@ -72,6 +72,9 @@ def test_cohort_training_matches_each_client_trained_alone(opt_cfg, max_norm):
 def test_clip_per_client_matches_torch():
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(4, 3, 5, generator=g), torch.randn(4, 7, generator=g)]
+    for t in grads:  # client 2's gradient is below the bound: clipping must leave it as it is
+        t[2] *= 0.05
+    small = [t[2].clone() for t in grads]
     ref = []
     for c in range(4):
         params = [torch.nn.Parameter(torch.zeros_like(t[c])) for t in grads]
@@ -79,6 +82,7 @@ def test_clip_per_client_matches_torch():
             p.grad = t[c].clone()
         ref.append(params)
     clip_per_client(grads, 1.5)
+    assert all(torch.equal(t[2], before) for t, before in zip(grads, small))
     for c in range(4):
         torch.nn.utils.clip_grad_norm_(ref[c], 1.5)
         for mine, theirs in zip(grads, ref[c]):
