@@ -79,7 +79,7 @@ def assemble(cfg: ExperimentConfig, comm) -> Run:
         if world.is_root:
             choice = probe_clients_per_pass(model, sample=data.train_x[0].to(world.device),
                                             batch_size=cfg.train.batch_size, max_clients=max(2, len(world.clients)),
-                                            trainable=list(model.shapes))
+                                            trainable=list(model.shapes), precision=cfg.train.precision)
         per_pass = comm.bcast(choice, root=0)
     return Run(cfg, world, data, model, strategy, init, per_pass, ranks, proxy)
 
