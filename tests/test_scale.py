@@ -237,3 +237,105 @@ def test_hilora_runs_with_the_scalable_clustering(tmp_path):
                    comm=MPI.COMM_SELF, progress=False)
     assert scalable["num_clusters"] >= 1 and np.isfinite(scalable["personalized_mean"])
     assert exact["num_clusters"] >= 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_principal_bases_keep_the_exact_paths_clusters_on_noisy_statistics(seed):
+    """Noise 0.3 on 256-row statistics: the exact path still finds the 3 planted clusters (ARI 1);
+    a random Gaussian map to 64 rows loses them (ARI ~0.9, the map's ±1/√64 error on inner
+    products swamps the shared part), projecting on the principal bases keeps them (ARI 1)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from fedhpc.strategies.subspace_clustering import cluster_clients, cluster_clients_scalable
+
+    rng = np.random.default_rng(seed)
+    truth = rng.permutation(np.arange(150) % 3)
+    stats = _planted_statistics(rng, truth, (256, 256, 256, 256), 4, 0.3)
+    exact = cluster_clients(stats, k_min=2, k_max=8)
+    principal = cluster_clients_scalable(stats, k_min=2, k_max=8, neighbors=30)
+    gaussian = cluster_clients_scalable(stats, k_min=2, k_max=8, neighbors=30, basis="gaussian")
+    assert adjusted_rand_score(truth, exact.labels) == 1.0
+    assert adjusted_rand_score(truth, principal.labels) == 1.0 and principal.count == exact.count
+    assert adjusted_rand_score(truth, gaussian.labels) < 0.99
+
+
+def test_principal_bases_span_the_planted_subspaces():
+    """Orthonormal [p, width] bases (float64 QR check); every planted subspace U_c lies in their
+    span (||Gᵀ U_c||² / r near 1, where a random 16-of-200 span keeps ~16/200); keyed: same bits twice."""
+    from fedhpc.strategies.subspace_clustering import principal_bases
+
+    rng = np.random.default_rng(4)
+    truth = np.arange(90) % 3
+    p, r = 200, 4
+    U = [np.linalg.qr(rng.standard_normal((p, r)))[0] for _ in range(3)]
+    from fedhpc.strategies.subspace_clustering import Statistic
+    stats = [Statistic(torch.tensor(np.stack([U[c] @ rng.standard_normal((r, r)) + 0.05 * rng.standard_normal((p, r))
+                                              for c in truth]), dtype=torch.float32))]
+    G = principal_bases(stats, width=16, sample=60, seed=1)[0].double()
+    assert G.shape == (p, 16)
+    assert torch.allclose(G.T @ G, torch.eye(16, dtype=torch.float64), atol=1e-5)
+    for Uc in U:
+        assert (G.T @ torch.tensor(Uc)).square().sum() / r > 0.97
+    assert torch.equal(principal_bases(stats, width=16, sample=60, seed=1)[0], G.float())
+
+
+@pytest.mark.parametrize("similarity", ["subspace", "cosine", "product"])
+def test_pair_similarity_against_a_float64_loop(similarity):
+    """The batched candidate scores (gathered Lᵀ_j, one bmm per matrix) against a per-pair float64
+    loop over the same projected factors: ||L_jᵀ L_i||² / q, <L_i, L_j>, <L_i R_i, L_j R_j>."""
+    from fedhpc.strategies.subspace_clustering import Statistic, _pair_similarity, project_statistics
+
+    rng = np.random.default_rng(7)
+    n, q = 30, 3
+    stats = [Statistic(torch.randn(n, p, q, dtype=torch.float64),
+                       torch.randn(n, q, 20, dtype=torch.float64) if similarity == "product" else None)
+             for p in (40, 24)]
+    projected = project_statistics(stats, similarity="subspace" if similarity == "subspace" else "cosine", width=16)
+    i = np.array([0, 5, 29, 7])
+    j = rng.integers(0, n, (4, 6))
+    got = _pair_similarity(projected, i, j).numpy()
+    want = np.zeros((4, 6))
+    for a, row in enumerate(i):
+        for b, col in enumerate(j[a]):
+            for kind, L, R in projected:
+                Li, Lj = L[row].double().numpy(), L[col].double().numpy()
+                if kind == "square":
+                    want[a, b] += np.square(Lj.T @ Li).sum() / q
+                elif kind == "linear":
+                    want[a, b] += (Li * Lj).sum()
+                else:
+                    want[a, b] += ((Li @ R[row].double().numpy()) * (Lj @ R[col].double().numpy())).sum()
+    np.testing.assert_allclose(got, want / len(projected), rtol=1e-4, atol=1e-5)
+
+
+def test_crc32_combine_and_known_ranges_against_zlib(tmp_path):
+    """crc32_combine against zlib.crc32 of the joined bytes; the whole-file CRC from known ranges
+    (not read back) against reading every byte; a range past the end is refused."""
+    import zlib
+
+    from fedhpc.io.checkpoint.format import USERBLOCK, _body_crc, crc32_combine
+
+    rng = np.random.default_rng(0)
+    for la, lb in ((0, 0), (0, 7), (9, 0), (1, 1), (1000, 4097), (3, 1 << 20)):
+        a, b = rng.bytes(la), rng.bytes(lb)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
+    body = rng.bytes(100_000)
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * USERBLOCK + body)
+    known = [(USERBLOCK + lo, hi - lo, zlib.crc32(body[lo:hi])) for lo, hi in ((0, 10), (50, 3000), (3000, 3001),
+                                                                               (70_000, 100_000))]
+    assert _body_crc(path, known) == _body_crc(path) == (zlib.crc32(body), len(body))
+    with pytest.raises(ValueError, match="overlaps"):
+        _body_crc(path, [(USERBLOCK + 99_990, 20, 0)])
+
+
+def test_chunk_offsets_equal_per_row_chunk_info(tmp_path):
+    from types import SimpleNamespace
+
+    from fedhpc.io.checkpoint.format import _allocated_per_client
+    from fedhpc.io.checkpoint.stream import _chunk_offsets
+
+    with h5py.File(tmp_path / "f.h5", "w", userblock_size=512) as f:
+        for key, shape in (("a", (300, 10, 7)), ("b", (300,)), ("c", (5, 1000))):
+            ds = _allocated_per_client(f, key, SimpleNamespace(shape=shape, dtype=np.dtype(np.float32)))
+            assert np.array_equal(_chunk_offsets(ds), [ds.id.get_chunk_info(i).byte_offset for i in range(shape[0])])

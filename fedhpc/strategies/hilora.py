@@ -99,7 +99,8 @@ class HiLoRAConfig(StrategyConfig):
     scalable_neighbors: int = 30
     """k of the scalable path's k-NN graph (affinity_neighbors, when > 0, wins)."""
     scalable_width: int = 64
-    """Rows each statistic is projected to on the scalable path."""
+    """Rows each statistic is projected to on the scalable path (on the principal directions of a
+    sample of the clients' statistics: subspace_clustering.principal_bases)."""
     gamma_cluster: float = 0.1
     """γ_c: weight of ||B_rᵀ B||_F² while training the cluster and leaf tiers [3P]."""
     gamma_leaf: float = 0.1

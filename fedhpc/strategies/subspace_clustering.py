@@ -33,7 +33,7 @@ from ..kernels import lowrank_aggregate, orthonormalize, subspace_similarity
 
 __all__ = ["Clustering", "Statistic", "client_statistic", "bases", "subspace_distance", "cosine_distance",
            "gaussian_affinity", "eigengap_count", "cluster_clients", "route", "project_statistics", "cluster_projected",
-           "SketchedClustering", "cluster_clients_scalable"]
+           "SketchedClustering", "cluster_clients_scalable", "principal_bases"]
 
 Source = Literal["trained_B", "update_B", "update_product"]
 Similarity = Literal["subspace", "cosine"]
@@ -205,35 +205,71 @@ def route(probe: list[Statistic], clusters: list[Statistic], similarity: Similar
 # The exact path compares every pair of clients on every matrix (N² Grams of p x r): about 10
 # minutes at 10³ clients and most of a day at 10⁴ on one thread. The scalable path
 #
-#   1. projects each client's statistic on matrix m from p to `width` rows by a shared Gaussian
-#      map G_m (Johnson-Lindenstrauss; keyed by (seed, m), the same on every rank and for every
-#      client, so clients can be projected in blocks, or where they live), which keeps inner
-#      products of columns in expectation: principal angles are taken between the column spaces
-#      of G_mᵀ B (an orthonormal basis by QR, ||V_iᵀV_j||² / r, biased up by about r / width for
-#      every pair alike), cosines between G_mᵀ B (and A H_m for the product statistic);
-#   2. finds each client's `candidates` most similar clients through a second, small two-sided
-#      sketch of the projected products summed over matrices (`size`² numbers per client, one
-#      blocked matrix product over all pairs);
-#   3. scores the candidate pairs on the projected statistics, keeps each client's `neighbors`
-#      best, and runs the eigengap and spectral clustering on that sparse symmetric graph
-#      (ARPACK for the leading eigenvectors of D^-1/2 S D^-1/2, k-means on their rows).
+#   1. projects each client's statistic on matrix m from p to `width` rows by G_m: by default the
+#      leading principal directions of a seeded sample of the clients' B (`principal_bases`),
+#      which keep the clusters' shared subspaces and drop most of the isotropic noise; or a shared
+#      Gaussian map (Johnson-Lindenstrauss; keyed by (seed, m)), which keeps inner products only
+#      to ±1/√width of the norms, too coarse for noisy statistics. Principal angles are taken
+#      between the column spaces of G_mᵀ B (an orthonormal basis by QR, ||V_iᵀV_j||² / r),
+#      cosines between G_mᵀ B (and A H_m for the product statistic);
+#   2. finds each client's `candidates` (default 2 x `neighbors`) most similar clients through a
+#      second, small two-sided sketch of the projected products summed over matrices (`size`²
+#      numbers per client, one blocked all-pairs matrix product);
+#   3. scores the candidate pairs on the projected statistics (one batched product per matrix
+#      over gathered rows), keeps each client's `neighbors` best, and runs the eigengap and
+#      spectral clustering on that sparse symmetric graph (ARPACK for the leading eigenvectors of
+#      D^-1/2 S D^-1/2, k-means on their rows).
 # Memory and the dominant cost are O(N · M · width · r) and O(N · candidates · M · width · r);
-# the only N² term is step 2's product over `size`² = 1024 numbers per client.
+# the only N² term is step 2's product over `size`² = 1024 numbers per client (≈ 4 s at 10⁴).
+# Measured at 10⁴ clients, 24 ViT-B-sized matrices: docs/results.md, "Scale".
+
+def principal_bases(per_matrix: list[Statistic], *, width: int = 64, sample: int = 512, seed: int = 0,
+                    iterations: int = 2) -> list[torch.Tensor]:
+    """Per matrix m, `[p, width]` orthonormal: the leading left singular vectors of the B of a
+    seeded sample of at most `sample` clients side by side (a randomized range finder with
+    `iterations` power steps, keyed by (seed, m); single-threaded, so the same bits on any rank).
+
+    Projecting on them instead of a random map (`project_statistics(bases=...)`) keeps what the
+    clients' statistics share (clusters' subspaces add up across clients, isotropic noise does not)
+    and drops most of the noise; a random map to `width` rows keeps inner products only to
+    ±||B_i|| ||B_j|| / √width, which noisy statistics (a few % of their energy in the shared part)
+    do not survive: on the planted benchmark with noise 0.5 the random map's ARI fell to ~0
+    where the exact path's was 1 (docs/results.md, Scale)."""
+    from ..rng import Purpose, keyed_rng, keyed_torch_generator
+
+    n = len(per_matrix[0].B)
+    rows = np.sort(keyed_rng(seed, 2, purpose=Purpose.CLUSTER_SKETCH).choice(n, size=min(n, sample), replace=False))
+    out = []
+    for m, stat in enumerate(per_matrix):
+        B = stat.B[torch.as_tensor(rows)].float()
+        p = B.shape[1]
+        X = B.permute(1, 0, 2).reshape(p, -1)                         # [p, S q]
+        want = min(width, p, X.shape[1])
+        g = keyed_torch_generator(seed, 2 * 10 ** 6 + m, purpose=Purpose.CLUSTER_SKETCH)
+        Q = torch.linalg.qr(X @ torch.randn(X.shape[1], min(want + 8, X.shape[1]), generator=g))[0]
+        for _ in range(iterations):
+            Q = torch.linalg.qr(X @ (X.T @ Q))[0]
+        U = torch.linalg.svd(Q.T @ X, full_matrices=False)[0]
+        out.append((Q @ U[:, :want]).contiguous())
+    return out
+
 
 def project_statistics(per_matrix: list[Statistic], *, similarity: Similarity = "subspace", width: int = 64,
-                       seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+                       seed: int = 0, bases: list[torch.Tensor] | None = None
+                       ) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Per matrix, (kind, L, R) float32 factors whose similarity estimates the exact path's:
         subspace  ("square"):  L = qr(G_mᵀ B) [N, width, r],   sim = ||L_iᵀ L_j||² / r
         cosine B  ("linear"):  L = G_mᵀ B / ||B||,             sim = <L_i, L_j>
         cosine BA ("product"): L = G_mᵀ B / ||B A||, R = A H_m, sim = <L_i R_i, L_j R_j>
-    with G, H of N(0, 1/width) entries keyed by (seed, m). Row i depends on client i alone."""
+    with G, H of N(0, 1/width) entries keyed by (seed, m), or G = `bases[m]` (`principal_bases`).
+    Row i depends on client i alone (and on the bases)."""
     from ..rng import Purpose, keyed_torch_generator
 
     out = []
     for m, stat in enumerate(per_matrix):
         g = keyed_torch_generator(seed, m, purpose=Purpose.CLUSTER_SKETCH)
         B = stat.B.float()
-        G = torch.randn(B.shape[1], width, generator=g) / math.sqrt(width)
+        G = torch.randn(B.shape[1], width, generator=g) / math.sqrt(width) if bases is None else bases[m]
         L = (B.mT.contiguous() @ G).mT                    # G_mᵀ B as one [(N q), p] x [p, w] product
         if similarity == "subspace":
             out.append(("square", torch.linalg.qr(L)[0].contiguous(), None))
@@ -268,32 +304,40 @@ def _coarse(projected, *, size: int, seed: int) -> torch.Tensor:
     return out / math.sqrt(len(projected))
 
 
-def _pair_similarity(projected, i: np.ndarray, j: np.ndarray) -> torch.Tensor:
-    """mean_m sim(i, j) for rows `i [b]` against their candidates `j [b, c]` -> `[b, c]`."""
+def _prepare(projected) -> list:
+    """Per matrix (kind, Lᵀ `[N, q, w]` contiguous, L, R): a candidate's Lᵀ is then one gathered
+    row, with no per-pair transpose copy."""
+    return [(kind, L.mT.contiguous(), L, R) for kind, L, R in projected]
+
+
+def _pair_similarity(projected, i: np.ndarray, j: np.ndarray, prepared: list | None = None) -> torch.Tensor:
+    """mean_m sim(i, j) for rows `i [b]` against their candidates `j [b, c]` -> `[b, c]` float64
+    (`prepared`: `_prepare(projected)`, to reuse across calls). Per matrix one batched product
+    [b, c q, w] x [b, w, q] of the gathered Lᵀ_j with L_i, accumulated in float32."""
     b, c = j.shape
     ti, tj = torch.as_tensor(i), torch.as_tensor(j).reshape(-1)
     total = torch.zeros(b, c, dtype=torch.float64)
-    for kind, L, R in projected:
-        q = L.shape[-1]
-        Li = L[ti]                                                        # [b, w, q]
-        Lj = L[tj].view(b, c, *L.shape[1:]).mT.reshape(b, c * q, L.shape[1])  # [b, c q, w]
-        X = (Lj @ Li).view(b, c, q, q)                                    # L_jᵀ L_i
+    for kind, Lt, L, R in prepared if prepared is not None else _prepare(projected):
+        q, w = Lt.shape[1], Lt.shape[2]
+        X = torch.bmm(Lt.index_select(0, tj).view(b, c * q, w), L.index_select(0, ti)).view(b, c, q, q)  # L_jᵀ L_i
         if kind == "square":
-            total += X.square().sum((2, 3)).double() / q
+            part = X.square().sum((2, 3)) / q
         elif kind == "linear":
-            total += X.diagonal(dim1=2, dim2=3).sum(-1).double()
+            part = X.diagonal(dim1=2, dim2=3).sum(-1)
         else:
-            Rj = R[tj].view(b, c * q, R.shape[-1])                        # [b, c q, w]
-            Y = (Rj @ R[ti].mT).view(b, c, q, q)                          # R_j R_iᵀ
-            total += (X * Y).sum((2, 3)).double()
+            Y = torch.bmm(R.index_select(0, tj).view(b, c * q, R.shape[-1]), R.index_select(0, ti).mT)
+            part = (X * Y.view(b, c, q, q)).sum((2, 3))                   # R_j R_iᵀ
+        total += part.double()
     return total / len(projected)
 
 
 def _neighbours(projected, *, neighbors: int, candidates: int, size: int, seed: int,
                 block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Each client's `neighbors` most similar others: `candidates` by the coarse sketch, then
-    ranked on the projected statistics. Returns (indices, similarities) `[N, neighbors]`."""
+    """Each client's `neighbors` most similar others: `candidates` by the coarse sketch (one
+    blocked all-pairs product of `size`² numbers per client), then ranked on the projected
+    statistics. Returns (indices, similarities) `[N, neighbors]`."""
     coarse = _coarse(projected, size=size, seed=seed)
+    prepared = _prepare(projected)
     n = len(coarse)
     c = min(max(candidates, neighbors), n - 1)
     k = min(neighbors, c)
@@ -304,7 +348,7 @@ def _neighbours(projected, *, neighbors: int, candidates: int, size: int, seed: 
         s = coarse[lo:hi] @ coarse.T
         s[torch.arange(hi - lo), torch.arange(lo, hi)] = -math.inf
         cand = torch.topk(s, c, dim=1).indices.numpy()
-        fine = _pair_similarity(projected, np.arange(lo, hi), cand)
+        fine = _pair_similarity(projected, np.arange(lo, hi), cand, prepared)
         top = torch.topk(fine, k, dim=1)
         idx[lo:hi] = np.take_along_axis(cand, top.indices.numpy(), 1)
         sim[lo:hi] = top.values.numpy()
@@ -343,7 +387,7 @@ def cluster_projected(projected, *, k_min: int, k_max: int, neighbors: int = 10,
         d_pairs = (1.0 - _pair_similarity(projected, i[keep], j[keep][:, None])[:, 0]).clamp_min(0).numpy()
         d_pairs = d_pairs[d_pairs > 0]
         sigma = sigma_scale * float(np.median(d_pairs)) if d_pairs.size else 1.0
-    idx, sim = _neighbours(projected, neighbors=neighbors, candidates=candidates or 3 * neighbors, size=size,
+    idx, sim = _neighbours(projected, neighbors=neighbors, candidates=candidates or 2 * neighbors, size=size,
                            seed=seed)
     d = np.clip(1.0 - sim, 0.0, None)
     weights = np.exp(-np.square(d) / (2.0 * sigma ** 2))
@@ -373,15 +417,18 @@ def cluster_projected(projected, *, k_min: int, k_max: int, neighbors: int = 10,
 def cluster_clients_scalable(per_matrix: list[Statistic], *, k_min: int, k_max: int,
                              similarity: Similarity = "subspace", sigma: float = 0.0, sigma_scale: float = 1.0,
                              neighbors: int = 10, seed: int = 0, width: int = 64,
-                             block: int = 512) -> SketchedClustering:
+                             block: int = 512, basis: Literal["principal", "gaussian"] = "principal",
+                             candidates: int = 0) -> SketchedClustering:
     """`cluster_clients` for large federations: `project_statistics` (clients in blocks of
-    `block`), then `cluster_projected` on the k-NN graph (no dense kernel: `neighbors` >= 1)."""
+    `block`) on `principal_bases` (or a random Gaussian map), then `cluster_projected` on the
+    k-NN graph (no dense kernel: `neighbors` >= 1)."""
     n = len(per_matrix[0].B)
+    bases = principal_bases(per_matrix, width=width, seed=seed) if basis == "principal" else None
     parts = []
     for lo in range(0, n, block):
         part = [Statistic(s.B[lo:lo + block], None if s.A is None else s.A[lo:lo + block]) for s in per_matrix]
-        parts.append(project_statistics(part, similarity=similarity, width=width, seed=seed))
+        parts.append(project_statistics(part, similarity=similarity, width=width, seed=seed, bases=bases))
     projected = [(parts[0][m][0], torch.cat([p[m][1] for p in parts]), None if parts[0][m][2] is None else
                   torch.cat([p[m][2] for p in parts])) for m in range(len(per_matrix))]
     return cluster_projected(projected, k_min=k_min, k_max=k_max, neighbors=max(1, neighbors), sigma=sigma,
-                             sigma_scale=sigma_scale, seed=seed)
+                             sigma_scale=sigma_scale, seed=seed, candidates=candidates)
