@@ -184,10 +184,11 @@ class PagedStore(RowSource):
         column slices of the [rows, record] bytes, then cached and never-written rows over it."""
         n = hi - lo
         raw = os.pread(self.fd, n * self.record, lo * self.record) if self.written[lo:hi].any() else b""
-        table = np.zeros((n, self.record), dtype=np.uint8)
-        if raw:
-            got = np.frombuffer(raw, dtype=np.uint8)
-            table.reshape(-1)[:len(got)] = got
+        if len(raw) == n * self.record:  # the usual case: every row on file, no zero-filled copy
+            table = np.frombuffer(raw, dtype=np.uint8).reshape(n, self.record)
+        else:
+            table = np.zeros((n, self.record), dtype=np.uint8)
+            table.reshape(-1)[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         out, at = {}, 0
         for k, size in zip(self.keys, self.sizes):
             shape, dtype = self.spec[k]

@@ -29,6 +29,7 @@ This module lays a file out, reads one back, checks its checksums and describes 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zlib
@@ -135,20 +136,72 @@ def _allocated_per_client(group, key: str, array: np.ndarray):
     return h5py.Dataset(dsid)
 
 
-def _body_crc(path: Path) -> tuple[int, int]:
-    """CRC-32 and length of the file's bytes after the user block."""
+_CRC_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) b(x) modulo the CRC-32 polynomial (bit-reflected, as zlib's multmodp)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if (a & (m - 1)) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) mod p, k = 0, 1, ...
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _x8nmodp(n: int) -> int:
+    """x^(8 n) mod p: what appending n bytes multiplies a CRC by."""
+    p, k = 1 << 31, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """zlib.crc32(a + b) from crc1 = zlib.crc32(a), crc2 = zlib.crc32(b) and len2 = len(b), without
+    the bytes (zlib's crc32_combine, which Python's zlib module does not expose)."""
+    return _multmodp(_x8nmodp(len2), crc1) ^ crc2
+
+
+def _body_crc(path: Path, known: list[tuple[int, int, int]] | None = None) -> tuple[int, int]:
+    """CRC-32 and length of the file's bytes after the user block. `known`: (file offset, length,
+    CRC-32) of byte ranges whose CRC the caller computed as it wrote them (non-overlapping, past the
+    user block); they are combined in (`crc32_combine`), not read back, and only the bytes between
+    them (HDF5's metadata) are read."""
     crc, size = 0, 0
     with open(path, "rb") as handle:
         handle.seek(USERBLOCK)
+        if known:
+            end = os.fstat(handle.fileno()).st_size
+            for offset, length, part in sorted(known):
+                if offset < USERBLOCK + size or offset + length > end:
+                    raise ValueError(f"{path}: checksummed range {offset}+{length} overlaps another or the end")
+                while USERBLOCK + size < offset:
+                    chunk = handle.read(min(1 << 22, offset - USERBLOCK - size))
+                    crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+                crc, size = crc32_combine(crc, part, length), size + length
+                handle.seek(offset + length)
         while chunk := handle.read(1 << 22):
             crc, size = zlib.crc32(chunk, crc), size + len(chunk)
     return crc, size
 
 
-def seal(path: str | Path) -> None:
+def seal(path: str | Path, known: list[tuple[int, int, int]] | None = None) -> None:
     """Record the CRC-32 and length of everything after the user block in the user block (the
-    file is complete: called just before the rename that publishes it). Not fsynced here."""
-    crc, size = _body_crc(Path(path))
+    file is complete: called just before the rename that publishes it). Not fsynced here.
+    `known`: byte ranges the writer already checksummed (`_body_crc`), not read back."""
+    crc, size = _body_crc(Path(path), known)
     header = SEAL + f"{crc:08x} {size}\n".encode()
     fd = os.open(path, os.O_WRONLY)
     try:
