@@ -160,3 +160,25 @@ def test_a_client_that_did_not_train_a_block_counts_in_nothing_even_nan():
     assert means.values["x"].tolist() == torch.tensor([[(2 * 1 + 3 * 4) / 5, (2 * 2 + 3 * 8) / 5]]).tolist()
     assert means.weights.tolist() == [5.0]
     assert modelled_bytes(exchange, np.arange(3), RANKS, np.ones(3))[0] == 10 + 30
+
+
+def test_a_late_clients_share_scales_its_weight_in_mean_and_gathered_blocks():
+    """`scale` (a late client's share of its work, runtime/faults.py) multiplies its weight in every
+    block: the mean's per-group totals and the gathered rows' weights, against numbers written here."""
+    import torch
+
+    from fedhpc.runtime.reduce import Reduction
+
+    n = np.array([4.0, 2.0, 8.0, 6.0])
+    scale = np.array([0.5, 1.0, 0.25, 1.0])
+    exchange = Exchange({"m": Block({"x": (2,)}, groups=np.array([0, 0, 1, 1]), num_groups=2),
+                         "g": Block({"y": (1,)}, reduce="gather")})
+    reduction = Reduction(exchange, n)
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    reduction.add(np.arange(4), {"x": x, "y": torch.arange(4.0).view(4, 1)}, scale=scale)
+    reduced = reduction.finish(comm=MPI.COMM_SELF)[0]
+    w = n * scale  # 2, 2, 2, 6
+    assert reduced["m"].weights.tolist() == [4.0, 8.0]
+    np.testing.assert_allclose(reduced["m"].values["x"].numpy(),
+                               [[(2 * 1 + 2 * 3) / 4, (2 * 2 + 2 * 4) / 4], [(2 * 5 + 6 * 7) / 8, (2 * 6 + 6 * 8) / 8]])
+    assert reduced["g"].clients.tolist() == [0, 1, 2, 3] and reduced["g"].weights.tolist() == w.tolist()
