@@ -1,8 +1,17 @@
 """End-to-end local-training throughput: fedhpc's cohort trainer against a per-client peft loop.
 
     python bench/throughput.py [--quick] [--regime overhead|compute|both] [--device cpu|cuda]
-                               [--threads N] [--repeat N] [--profile]
+                               [--threads N] [--repeat N] [--profile] [--precision fp32|bf16]
+                               [--compile] [--no-sweep] [--peers]
     (or: fedhpc bench throughput ...)
+
+`--precision bf16` runs both trainers' forward under bf16 autocast (fedhpc: `train.precision`;
+the peft loop: `torch.autocast` around its forward), so the two still do the same work.
+`--compile` compiles the cohort trainer (`train.compile`); its first pass of each size pays
+the compiler and is left out as warm-up; the probe still times the eager path.
+`--peers` then runs bench/peers.py: the same FedIT rounds on fedhpc, the sequential loop and
+Flower's simulation engine, each in its own process tree, with client-updates/s and peak memory
+(needs `flwr[simulation]`: run it with .venv-bench/bin/python, see requirements-bench.txt).
 
 The same clients (same data, same batches, same AdamW hyperparameters, same optimizer steps)
 are trained for one round two ways:
@@ -35,7 +44,7 @@ Regimes:
             Also a clients_per_pass sweep and the value `probe_clients_per_pass` picks.
             Target: cohort >= 4x sequential (2-core CPU).
   compute   ViT-tiny (width 192, depth 12, 64 patches), 32 clients x 64 samples, batch 16.
-            Target: cohort >= 1x (batching must never lose). Achieved GFLOP/s of both (forward
+            Target: cohort >= 1.2x. Also a clients_per_pass sweep. Achieved GFLOP/s of both (forward
             + backward FLOPs of one step counted by FlopCounterMode, CPU flash attention
             included) against this machine's fp32 matmul rate (a 4096^3 torch.mm measured in
             the same run, same threads).
@@ -83,14 +92,14 @@ class Regime:
 REGIMES = {
     "overhead": Regime(model=dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=4),
                        clients=256, samples=16, target=4.0, sweep=(1, 2, 8, 32, 128, 256)),
-    "compute": Regime(model=dict(img_size=32, patch_size=4), clients=32, samples=64, target=1.0),
+    "compute": Regime(model=dict(img_size=32, patch_size=4), clients=32, samples=64, target=1.2, sweep=(2, 8, 32)),
 }
 QUICK = {  # a CI smoke test: every code path, tiny sizes
     "overhead": replace(REGIMES["overhead"], clients=16, model=dict(img_size=16, patch_size=4, depth=2,
                                                                    embed_dim=32, num_heads=2), sweep=(1, 2, 16),
                         target=0.0),
     "compute": replace(REGIMES["compute"], clients=4, samples=32, model=dict(img_size=16, patch_size=4, depth=2),
-                       target=0.0),
+                       target=0.0, sweep=(2, 4)),
 }
 OPTIM = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.01)
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"])
@@ -104,10 +113,11 @@ def sync(device: torch.device) -> None:
 class Setup:
     """Data, the starting adapters of every client, and both trainers' models, for one regime."""
 
-    def __init__(self, regime: Regime, device: torch.device):
+    def __init__(self, regime: Regime, device: torch.device, *, precision: str = "fp32", compile: bool = False):
         self.regime, self.device = regime, device
         self.model_cfg = ModelConfig(name="vit_tiny_patch16_224", kwargs=regime.model)
-        self.cfg = TrainConfig(local_epochs=regime.epochs, batch_size=regime.batch, optimizer=OPTIM)
+        self.cfg = TrainConfig(local_epochs=regime.epochs, batch_size=regime.batch, optimizer=OPTIM,
+                               precision=precision, compile=compile)
         self.cohort = build_cohort_model(self.model_cfg, LORA, num_classes=CLASSES, seed=SEED, device=device)
         g = torch.Generator().manual_seed(SEED)
         size = regime.model["img_size"]
@@ -176,7 +186,9 @@ class Setup:
             for rows in client_batches(self.indices[c], seed=SEED, client=int(c), round_index=ROUND, cfg=self.cfg):
                 rows = torch.from_numpy(rows).to(self.device)
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(self.peft(self.x[rows]), self.y[rows]).backward()
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+                    logits = self.peft(self.x[rows])
+                F.cross_entropy(logits.float(), self.y[rows]).backward()
                 opt.step()
             with torch.no_grad():
                 for k, p in params.items():
@@ -321,23 +333,15 @@ def profile_split(s: Setup, per_pass: int, top: int = 8) -> None:
     print(f"    {'everything':58s} {total['cohort']:8.2f} {total['sequential']:10.2f}")
 
 
-def run_overhead(regime: Regime, device: torch.device, repeat: int, profile: bool) -> None:
-    s = Setup(regime, device)
-    describe("overhead-bound", s)
-    t0 = time.perf_counter()
-    pick = probe_clients_per_pass(s.cohort, sample=s.x[0], batch_size=regime.batch, max_clients=regime.clients,
-                                  trainable=s.trainable)
-    print(f"  probe_clients_per_pass picks {pick} (probe took {time.perf_counter() - t0:.2f} s)")
-    _, sequential = compare(s, pick, repeat)
-    if profile:
-        profile_split(s, pick)
-    sweep_repeat = min(repeat, 3)
-    print(f"  clients_per_pass sweep (cohort trainer, best of {sweep_repeat} after a warm-up round; "
+def sweep(s: Setup, pick: int, sequential: float, repeat: int) -> None:
+    """Cohort clients/s for each swept clients_per_pass (and the probe's pick) against the sequential round time."""
+    regime, device = s.regime, s.device
+    print(f"  clients_per_pass sweep (cohort trainer, best of {repeat} after a warm-up round; "
           f"1 = each pass trains the client twice, as _train_round does):")
     rates = {}
     for per_pass in sorted(set(regime.sweep) | {pick}):
         s.cohort_round(s.fresh(), per_pass)
-        best = min(timed(lambda: s.cohort_round(s.fresh(), per_pass), device) for _ in range(sweep_repeat))
+        best = min(timed(lambda: s.cohort_round(s.fresh(), per_pass), device) for _ in range(repeat))
         rates[per_pass] = regime.clients / best
         mark = "   <- probe's pick" if per_pass == pick else ""
         print(f"    clients_per_pass {per_pass:4d}: {rates[per_pass]:8.1f} clients/s "
@@ -346,12 +350,32 @@ def run_overhead(regime: Regime, device: torch.device, repeat: int, profile: boo
     print(f"  probe's pick reaches {rates[pick] / rates[top]:.0%} of the best swept value ({top})")
 
 
-def run_compute(regime: Regime, device: torch.device, repeat: int, quick: bool, profile: bool) -> None:
-    s = Setup(regime, device)
+def _probe(s: Setup) -> int:
+    t0 = time.perf_counter()
+    pick = probe_clients_per_pass(s.cohort, sample=s.x[0], batch_size=s.regime.batch, max_clients=s.regime.clients,
+                                  trainable=s.trainable, precision=s.cfg.precision)
+    print(f"  probe_clients_per_pass picks {pick} (probe took {time.perf_counter() - t0:.2f} s, "
+          f"precision {s.cfg.precision}, eager)")
+    return pick
+
+
+def run_overhead(regime: Regime, device: torch.device, repeat: int, profile: bool, opts: dict,
+                 do_sweep: bool) -> None:
+    s = Setup(regime, device, **opts)
+    describe("overhead-bound", s)
+    pick = _probe(s)
+    _, sequential = compare(s, pick, repeat)
+    if profile:
+        profile_split(s, pick)
+    if do_sweep:
+        sweep(s, pick, sequential, min(repeat, 3))
+
+
+def run_compute(regime: Regime, device: torch.device, repeat: int, quick: bool, profile: bool, opts: dict,
+                do_sweep: bool) -> None:
+    s = Setup(regime, device, **opts)
     describe("compute-bound", s)
-    pick = probe_clients_per_pass(s.cohort, sample=s.x[0], batch_size=regime.batch, max_clients=regime.clients,
-                                  trainable=s.trainable)
-    print(f"  probe_clients_per_pass picks {pick}")
+    pick = _probe(s)
     cohort_flops, seq_flops = (f * s.steps / regime.clients for f in s.flops_per_step(max(2, pick)))
     best = compare(s, pick, repeat)
     peak = matmul_peak(device, 1024 if quick else 4096)
@@ -363,6 +387,8 @@ def run_compute(regime: Regime, device: torch.device, repeat: int, quick: bool, 
     print(f"  fp32 torch.mm {1024 if quick else 4096}^3: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     if profile:
         profile_split(s, pick)
+    if do_sweep:
+        sweep(s, pick, best[1], 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,11 +400,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=0,
                         help="timed rounds of each trainer (0: 5 overhead, 3 compute; quick 2)")
     parser.add_argument("--profile", action="store_true", help="also print where each trainer spends its time")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="both trainers' forward arithmetic (fedhpc: train.precision)")
+    parser.add_argument("--compile", action="store_true", help="compile the cohort trainer (train.compile)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the clients_per_pass sweeps")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="fewer clients than the regime's (0: the regime's), e.g. for the slow bf16 path")
+    parser.add_argument("--peers", action="store_true",
+                        help="then fedhpc vs the sequential loop vs Flower on the same FedIT rounds (bench/peers.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     repeat = args.repeat or (2 if args.quick else 5)
     regimes = QUICK if args.quick else REGIMES
+    if args.clients:
+        regimes = {k: replace(r, clients=args.clients, sweep=tuple(c for c in r.sweep if c <= args.clients))
+                   for k, r in regimes.items()}
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     print(f"torch {torch.__version__}, device {device.type} (GPU: {gpu}), torch threads {torch.get_num_threads()}, "
           f"{load()}")
@@ -386,12 +423,24 @@ def main(argv: list[str] | None = None) -> int:
     # (one process) run under the same allocator settings
     kept = keep_freed_memory()
     print(f"allocator: glibc keeps freed memory (no mmap, no trim) for both trainers: {'yes' if kept else 'no'}")
+    opts = dict(precision=args.precision, compile=args.compile)
+    print(f"precision {args.precision}, cohort compiled: {'yes' if args.compile else 'no'}")
     print(f"timing: 1 warm-up, then alternated rounds of each trainer ({repeat} overhead-bound, "
           f"{args.repeat or (2 if args.quick else 3)} compute-bound); best (median beside)")
     if args.regime in ("overhead", "both"):
-        run_overhead(regimes["overhead"], device, repeat, args.profile)
+        run_overhead(regimes["overhead"], device, repeat, args.profile, opts, not args.no_sweep)
     if args.regime in ("compute", "both"):
-        run_compute(regimes["compute"], device, args.repeat or (2 if args.quick else 3), args.quick, args.profile)
+        run_compute(regimes["compute"], device, args.repeat or (2 if args.quick else 3), args.quick, args.profile,
+                    opts, not args.no_sweep)
+    if args.peers:
+        try:
+            import flwr  # noqa: F401
+        except ImportError:
+            print("--peers needs flwr[simulation]: python -m venv .venv-bench, a .pth file naming this venv's "
+                  "site-packages, .venv-bench/bin/pip install -r requirements-bench.txt (README, Benchmarks)")
+            return 2
+        import peers
+        peers.main(["--precision", args.precision, "--cpus", str(args.threads)])
     print(f"\n{load()}")
     return 0
 
