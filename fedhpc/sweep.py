@@ -42,9 +42,14 @@ together); each in its own run directory. A point whose `summary.json` exists is
 `config.yaml` matches (else one line says so: delete the directory or rename the sweep); one with a
 checkpoint but no summary (killed, preempted) resumes from its newest good checkpoint and ends with
 the numbers of an uninterrupted run. Stages unlock as their predecessors finish, so a sweep plans again
-after each batch; `--point I` indexes the points known now (`--dry-run` lists them): a Slurm job array
-runs them (slurm/sweep.sbatch), and is submitted again until `--dry-run` shows nothing left to run.
-A point that raises (e.g. a diverged run) writes `failed.json` and the sweep goes on.
+after each batch. `--dry-run` lists every point known now and freezes the ones left to run in
+`<out_dir>/<name>/points.json`; `--point I` runs entry I of that list (a Slurm job array task,
+slurm/sweep.sbatch), so indices stay put while the array runs. Submit, wait, `--dry-run` again (the
+next stage or the reported seeds), until nothing is left; then `--table`.
+A point that raises (e.g. a diverged run) writes `failed.json` and the sweep goes on. Several sweep
+processes may work on one sweep at once (`fedhpc sweep S &` twice): each point is locked while it runs
+(`.<point>.lock` beside it) and the others skip it; the last one to finish writes the full table
+(or run `--table` at the end).
 
 **The table** (`<out_dir>/<name>/table.md`, also printed): per option, the tuning scores; then per
 method the chosen values, mean ± std over the reported seeds of each metric, the paired difference in
@@ -409,18 +414,47 @@ def _check_finished(sweep: Sweep, point: Point, cfg) -> None:
 
 
 def run_point(sweep: Sweep, point: Point, *, comm, guard=None, say=print) -> None:
-    """Run (or resume) one point on the ranks of `comm`; a finished one is checked and skipped."""
+    """Run (or resume) one point on the ranks of `comm`; a finished one is checked and skipped, one
+    that another sweep process holds (a lock file next to its run directory) is skipped."""
+    cfg = _requested(sweep, point)
+    if point.state in ("done", "failed"):
+        if comm.Get_rank() == 0:
+            _check_finished(sweep, point, cfg)
+        return
+    lock = None
+    if comm.Get_rank() == 0:  # another sweep process (a second worker, an array task) may hold the point
+        import fcntl
+
+        point.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(point.run_dir.parent / f".{point.run_dir.name}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            lock = None
+        else:  # it may have finished while we planned
+            point.state = _state(point)
+    busy, point.state = comm.bcast((lock is None, point.state) if comm.Get_rank() == 0 else None, root=0)
+    if busy or point.state in ("done", "failed"):
+        if busy:
+            say(f"fedhpc sweep: {point.run_dir}: another sweep process is running it; skipped")
+        if lock is not None:
+            lock.close()
+        return
+    try:
+        _run_locked(sweep, point, cfg, comm=comm, guard=guard, say=say)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_locked(sweep: Sweep, point: Point, cfg, *, comm, guard, say) -> None:
     from .config import ExperimentConfig
     from .configtree import build, to_dict
     from .experiment import run as run_experiment
     from .io.checkpoint import find_resumable, read_config, saved_round
     from .io.checkpoint.resume import resume_config
 
-    cfg = _requested(sweep, point)
-    if point.state in ("done", "failed"):
-        if comm.Get_rank() == 0:
-            _check_finished(sweep, point, cfg)
-        return
     resume = find_resumable(point.run_dir, comm=comm, say=say) if point.state == "partial" else None
     if resume is not None:
         cfg = build(ExperimentConfig, resume_config(read_config(resume), to_dict(cfg), saved_round=saved_round(resume)))
@@ -438,17 +472,11 @@ def run_point(sweep: Sweep, point: Point, *, comm, guard=None, say=print) -> Non
     point.state = "done"
 
 
-def run_sweep(sweep: Sweep, *, comm, guard=None, only: int | None = None, say=print) -> Plan:
-    """Run every point (planning again as stages finish), or only point `only` of the current plan."""
+def run_sweep(sweep: Sweep, *, comm, guard=None, say=print) -> Plan:
+    """Run every point, planning again as stages finish (later stages and the reported seeds unlock)."""
     handled = set()
     while True:
         current = comm.bcast(plan(sweep) if comm.Get_rank() == 0 else None, root=0)
-        if only is not None:
-            if not 0 <= only < len(current.points):
-                raise ConfigError(f"--point {only}: the sweep has {len(current.points)} points now (0-based; "
-                                  f"--dry-run lists them)")
-            run_point(sweep, current.points[only], comm=comm, guard=guard, say=say)
-            return current
         pending = [p for p in current.points if p.run_dir not in handled]
         if not pending:  # nothing new unlocked: every stage and report that can run has run
             return current
@@ -466,7 +494,7 @@ def count_adapter_params(run_dir: str | Path) -> list[int]:
     the adapters the method evaluates the client with (`strategy.configure_evaluate`), counted as
     `rank x (d_in + d_out)` per LoRA pair at the client's own rank (a heterogeneous-rank run's
     padding is not counted; tiers concatenated along the rank count in full; a two-expert mixture
-    counts both experts), `d_out x d_in` per dense residual (`base_delta`) and every entry of
+    counts both experts), a dense residual (`base_delta`) of rank q as q x (d_in + d_out), at most d_out x d_in, and every entry of
     factored updates (`update_A/B`). The classifier head is not counted (every method trains the
     same head)."""
     import torch
@@ -498,8 +526,11 @@ def count_adapter_params(run_dir: str | Path) -> list[int]:
             rank = t.shape[1]
             d = t.shape[2] + adapters[f"{module}.lora_B"].shape[1]
             counts += (np.minimum(ranks, rank) if ranks is not None else rank) * d
-        elif leaf == "base_delta":
-            counts += int(np.prod(t.shape[1:]))
+        elif leaf == "base_delta":  # a residual of rank q costs what a rank-q LoRA pair costs, at most the dense matrix
+            d_out, d_in = t.shape[1:]
+            q = torch.linalg.matrix_rank(t.double(), rtol=1e-7).numpy()
+            counts += np.minimum(q * (d_in + d_out), d_out * d_in) if t.shape[0] == len(ids) else \
+                int(min(int(q[0]) * (d_in + d_out), d_out * d_in))
         elif leaf in ("update_A", "update_B"):
             counts += int(np.prod(t.shape[1:]))
     return [int(c) for c in counts]
@@ -601,7 +632,7 @@ def sweep_table(sweep: Sweep, current: Plan, *, budgets: bool = True) -> str:
         for m in sweep.methods.values():
             runs = results[m.name]
             choice = current.choices.get((option, m.name))
-            chosen = ", ".join(f"{s.name} {choice[s.name]}" for s in m.stages) if choice else "(waiting)"
+            chosen = ", ".join(f"{s.name} {choice[s.name]}" for s in m.stages) if choice is not None else "(waiting)"
             row = [m.label, chosen or "–", f"{len(runs)}/{len(sweep.seeds)}",
                    *(_ms([r.get(k) for r in runs.values()]) for k in sweep.metrics)]
             if ref:
@@ -639,18 +670,32 @@ def main(args, comm, guard=None) -> int:
     current = comm.bcast(plan(sweep) if rank0 else None, root=0)
     for p in current.points:  # every point's config is checked before anything runs
         _requested(sweep, p)
+    frozen = sweep.out / "points.json"
     if args.dry_run:
         if rank0:
-            for i, p in enumerate(current.points):
-                print(f"{i:4d}  {p.state:8s}  {p.phase:12s}  {p.run_dir}  {' '.join(p.overrides[:-2])}")
-            left = sum(p.state in ("todo", "partial") for p in current.points)
-            print(f"{len(current.points)} points known now, {left} to run"
-                  + (f"; waiting: {'; '.join(current.waiting)}" if current.waiting else ""))
+            left = [p for p in current.points if p.state in ("todo", "partial")]
+            for p in current.points:
+                index = f"{left.index(p):4d}" if p in left else "   -"
+                print(f"{index}  {p.state:8s}  {p.phase:12s}  {p.run_dir}  {' '.join(p.overrides[:-2])}")
+            sweep.out.mkdir(parents=True, exist_ok=True)
+            frozen.write_text(json.dumps([str(p.run_dir) for p in left], indent=0) + "\n")
+            print(f"{len(current.points)} points known now, {len(left)} to run (--point 0..{len(left) - 1}, "
+                  f"listed in {frozen})" + (f"; waiting: {'; '.join(current.waiting)}" if current.waiting else ""))
+        return 0
+    if args.point is not None:  # a Slurm array task: point I of the list the last --dry-run froze
+        if not frozen.is_file():
+            raise ConfigError(f"--point: run `fedhpc sweep {sweep.path} --dry-run` first (it writes {frozen})")
+        listed = json.loads(frozen.read_text())
+        if not 0 <= args.point < len(listed):
+            raise ConfigError(f"--point {args.point}: {frozen} lists {len(listed)} points (0-based)")
+        match = [p for p in current.points if str(p.run_dir) == listed[args.point]]
+        if not match:
+            raise ConfigError(f"--point {args.point}: {listed[args.point]} is not a point of the sweep now "
+                              f"(the sweep file changed?); run --dry-run again")
+        run_point(sweep, match[0], comm=comm, guard=guard, say=say)
         return 0
     if not args.table:
-        current = run_sweep(sweep, comm=comm, guard=guard, only=args.point, say=say)
-        if args.point is not None:
-            return 0
+        run_sweep(sweep, comm=comm, guard=guard, say=say)
         current = comm.bcast(plan(sweep) if rank0 else None, root=0)
     if rank0:
         text = sweep_table(sweep, current)
