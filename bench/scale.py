@@ -40,7 +40,7 @@ def cluster(args) -> None:
     from sklearn.metrics import adjusted_rand_score
 
     from fedhpc.strategies.subspace_clustering import (Statistic, cluster_clients, cluster_projected,
-                                                       project_statistics)
+                                                       principal_bases, project_statistics)
 
     print("| clients | path | CPU seconds, one thread (wall) | K found | ARI |")
     print("|---|---|---|---|---|")
@@ -50,23 +50,29 @@ def cluster(args) -> None:
             truth = rng.permutation(np.arange(n) % args.k)
             U = [[np.linalg.qr(rng.standard_normal((args.p, args.r)))[0].astype(np.float32) for _ in range(args.k)]
                  for _ in range(args.matrices)]
-            blocks, t_proj, c_proj = [], 0.0, 0.0
+            blocks, t_proj, c_proj, bases = [], 0.0, 0.0, None
             for lo in range(0, n, 512):
                 part = _planted(rng, truth, U, args.noise, lo, min(n, lo + 512))
+                if bases is None and args.basis == "principal":  # from the first block: a random sample of clients
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    bases = principal_bases(part, width=args.width, seed=seed)
+                    t_proj += time.perf_counter() - t0
+                    c_proj += time.process_time() - c0
                 if n <= args.exact_up_to:
                     blocks.append(part)
                 t0, c0 = time.perf_counter(), time.process_time()
-                projected = project_statistics(part, similarity="subspace", width=args.width, seed=seed)
+                projected = project_statistics(part, similarity="subspace", width=args.width, seed=seed, bases=bases)
                 t_proj += time.perf_counter() - t0
                 c_proj += time.process_time() - c0
                 blocks.append(projected) if n > args.exact_up_to else blocks.append(projected)
             parts = blocks[1::2] if n <= args.exact_up_to else blocks
             projected = [(parts[0][m][0], torch.cat([p[m][1] for p in parts]), None) for m in range(args.matrices)]
             t0, c0 = time.perf_counter(), time.process_time()
-            found = cluster_projected(projected, k_min=2, k_max=10, neighbors=args.neighbors, seed=seed)
+            found = cluster_projected(projected, k_min=2, k_max=10, neighbors=args.neighbors, candidates=args.candidates,
+                                      seed=seed)
             seconds = t_proj + time.perf_counter() - t0
             cpu = c_proj + time.process_time() - c0
-            print(f"| {n} | scalable (width {args.width}, {args.neighbors}-NN) | {cpu:.1f} ({seconds:.1f}) | {found.count} | "
+            print(f"| {n} | scalable ({args.basis} width {args.width}, {args.neighbors}-NN, {args.candidates or 'default'} candidates) | {cpu:.1f} ({seconds:.1f}) | {found.count} | "
                   f"{adjusted_rand_score(truth, found.labels):.3f} |", flush=True)
             if n <= args.exact_up_to:
                 stats = [Statistic(torch.cat([b[m].B for b in blocks[0::2]])) for m in range(args.matrices)]
@@ -193,7 +199,7 @@ def train(args) -> None:
             if proc.returncode != 0:
                 print(proc.stderr[-3000:])
                 raise SystemExit(1)
-            reports = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("RSS ")]
+            reports = [json.loads(f.read_text()) for f in sorted((Path(args.out) / name).glob("rss-*.json"))]
             metrics = [json.loads(line) for line in (Path(args.out) / name / "metrics.jsonl").read_text().splitlines()]
             seconds = [m["round_seconds"] for m in metrics[:-1]]
             rss = ", ".join(f"{r['rss_gib']:.2f}" for r in sorted(reports, key=lambda r: r["rank"]))
@@ -232,10 +238,10 @@ def train_worker(argv) -> None:
     cfg = load_config(argv[0], argv[1:])
     experiment.run(cfg, comm=MPI.COMM_WORLD, progress=False)
     stores = [s for s in (seen["state"].store, seen["state"].opt_store) if s is not None]
-    print("RSS " + json.dumps({"rank": MPI.COMM_WORLD.Get_rank(), "rss_gib": _rss_mb() / 1024,
-                               "store": type(stores[0]).__name__, "cpu": cpu,
-                               "writes": sum(getattr(s, "writes", 0) for s in stores),
-                               "reads": sum(getattr(s, "reads", 0) for s in stores)}), flush=True)
+    rank = MPI.COMM_WORLD.Get_rank()  # one file per rank: the ranks' stdout lines may interleave
+    (Path(cfg.out_dir) / cfg.name / f"rss-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "rss_gib": _rss_mb() / 1024, "store": type(stores[0]).__name__, "cpu": cpu,
+         "writes": sum(getattr(s, "writes", 0) for s in stores), "reads": sum(getattr(s, "reads", 0) for s in stores)}))
 
 
 def main() -> None:
@@ -253,7 +259,9 @@ def main() -> None:
     c.add_argument("--r", type=int, default=8)
     c.add_argument("--noise", type=float, default=0.05)
     c.add_argument("--width", type=int, default=64)
-    c.add_argument("--neighbors", type=int, default=10)
+    c.add_argument("--neighbors", type=int, default=30)
+    c.add_argument("--candidates", type=int, default=0, help="0: cluster_projected's default")
+    c.add_argument("--basis", choices=["principal", "gaussian"], default="principal")
     c.set_defaults(func=cluster)
     t = sub.add_parser("train")
     t.add_argument("--config", default="configs/scale.yaml")
