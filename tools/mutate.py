@@ -209,6 +209,9 @@ TESTS[TIERS] = [pytest("tests/test_train_paths.py", "-k", "tier"), *TESTS[HILORA
 EQUIVALENT = {
     "H02": "the frozen tier's gradient from the penalty is masked (movable) before clipping and before the step, "
            "so detaching it or not changes no number",
+    "L07": "a client that sat a step out has an all-zero row mask, so its per-client loss that step is exactly "
+           "0 (0 / clamp(0, min=1)), or NaN either way if its padded logits are not finite (NaN * 0 = NaN): "
+           "multiplying by `active` changes no number",
     "L16": "the padding rows are masked out of the loss (mask), and the backbone normalises per row (LayerNorm), "
            "so which row pads a short batch changes no number",
 }
