@@ -17,6 +17,7 @@ the loop waits for it. Memory: rank 0 holds one chunk of another rank's rows and
 """
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from collections import deque
@@ -98,6 +99,8 @@ def _pwrite_rows(fd: int, offsets: np.ndarray, data: np.ndarray, runs: list) -> 
         at, left = int(offsets[start]), memoryview(run).cast("B")
         while len(left):  # pwrite may write less than asked
             done = os.pwrite(fd, left, at)
+            if done <= 0:
+                raise OSError(errno.ENOSPC, "no progress writing a checkpoint")
             at, left = at + done, left[done:]
         part = zlib.crc32(run)
         runs.append((int(offsets[start]), run.nbytes, part))
