@@ -289,7 +289,23 @@ def compare(s: Setup, per_pass: int, repeat: int) -> tuple[float, float]:
         s.sequential_round(store)
         return store
 
-    times, out = alternate({"cohort": cohort, "sequential": sequential}, repeat, s.device)
+    fns = {"cohort": cohort, "sequential": sequential}
+    if s.cfg.compile:  # the eager cohort trainer alternated beside it: the compiler's own gain
+        def eager():
+            compiled, s.cfg = s.cfg, replace(s.cfg, compile=False)
+            try:
+                return cohort()
+            finally:
+                s.cfg = compiled
+
+        eager()  # warm-up at the full pass count
+        fns["eager"] = eager
+    times, out = alternate(fns, repeat, s.device)
+    if "eager" in times:
+        n = s.regime.clients
+        print(f"  eager cohort (same passes)         best {n / min(times['eager']):8.1f} clients/s; compiled / "
+              f"eager: {min(times['eager']) / min(times['cohort']):.2f}x best "
+              f"({statistics.median(times['eager']) / statistics.median(times['cohort']):.2f}x median)")
     delta = torch.cat([(out["cohort"][k] - out["sequential"][k]).abs().flatten() for k in s.start])
     moved = torch.cat([(out["sequential"][k] - s.start[k]).abs().flatten() for k in s.start])
     print(f"  same work: |cohort - sequential| over all {delta.numel()} trained adapter entries: max "
