@@ -570,6 +570,9 @@ def _ms(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "–"
+    if np.abs(values).max() >= 1000:  # counts such as bytes: whole numbers
+        spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+        return f"{np.mean(values):,.0f}" + (f" ± {spread:,.0f}" if spread else "")
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
