@@ -91,6 +91,12 @@ class PlantedConfig:
     training mix; samples keep their labels. Meant with cluster_strength = client_strength = 0 (one
     teacher, label skew only: 0.1 strong, 0.5 moderate)."""
 
+    quantity_skew: float = 0.0
+    """Unequal client sizes (0: every client keeps all its training samples). Client k keeps the
+    first n_k = max(2, round(n_train * exp(σ g_k) / max_j exp(σ g_j))) of its training samples, σ =
+    this value, g_k ~ N(0, 1) from its own stream: the largest client keeps all, σ = 1 spreads sizes
+    over about e^4. Local test splits keep their size. Either teacher."""
+
     def __post_init__(self):
         for name in ("num_clusters", "num_classes", "samples_per_client", "latent_dim",
                      "perturbation_rank", "global_test_size"):
@@ -109,6 +115,8 @@ class PlantedConfig:
             raise ValueError(f"teacher_blocks must be distinct block indices >= 0, got {self.teacher_blocks}")
         if self.teacher_blocks and self.teacher != "backbone":
             raise ValueError("teacher_blocks needs teacher=backbone (the latent teacher has no blocks)")
+        if self.quantity_skew < 0:
+            raise ValueError(f"quantity_skew must be >= 0, got {self.quantity_skew}")
         if self.root_rank < 0 or self.label_skew < 0:
             raise ValueError(f"root_rank and label_skew must be >= 0, got {self.root_rank}, {self.label_skew}")
         if (self.root_rank or self.label_skew) and self.teacher != "backbone":

@@ -35,7 +35,7 @@ from .partition import balanced_groups, choose_unseen
 from ..rng import make_rng
 
 __all__ = ["TextShape", "Teachers", "plant_teachers", "teacher_labels", "image_decoder",
-           "render_images", "token_table", "render_tokens", "load_planted", "TOKEN_OFFSET"]
+           "render_images", "token_table", "render_tokens", "load_planted", "quantity_sizes", "TOKEN_OFFSET"]
 
 TOKEN_OFFSET = 1000
 """Smallest token id used: ids below it are left to a BERT vocabulary's special tokens."""
@@ -207,6 +207,18 @@ def _pool(per_client: list[np.ndarray], part: slice) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([samples[part] for samples in per_client]))
 
 
+QUANTITY_MIN = 2
+"""Training samples every client keeps under `quantity_skew`."""
+
+
+def quantity_sizes(sigma: float, num_train: int, num_clients: int, seed: int) -> np.ndarray:
+    """`[num_clients]` training sizes under `PlantedConfig.quantity_skew` = sigma: log-normal shares
+    scaled so that the largest client keeps all `num_train`, at least QUANTITY_MIN each."""
+    g = make_rng(seed, "planted-quantity").standard_normal(num_clients)
+    share = np.exp(sigma * (g - g.max()))
+    return np.clip(np.round(num_train * share).astype(np.int64), min(QUANTITY_MIN, num_train), num_train)
+
+
 def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
                  text: TextShape | None = None, hosted: np.ndarray | None = None) -> FederatedData:
     """The planted federation. With `hosted` (sorted client ids: the rank's own clients) only those
@@ -245,13 +257,17 @@ def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
         place = np.full(num_clients, len(built) + 1, dtype=np.int64)
         place[built] = np.arange(len(built))
         blocks = place[:, None]
+    client_train = list(blocks * num_train + np.arange(num_train))
+    if planted.quantity_skew > 0:
+        client_train = [rows[:n] for rows, n in zip(client_train, quantity_sizes(planted.quantity_skew, num_train,
+                                                                                 num_clients, seed))]
     return FederatedData(
         name="planted", num_classes=planted.num_classes,
         train_x=_pool(xs, train), train_y=_pool(ys, train),
         test_x=_pool(xs, test), test_y=_pool(ys, test),
         global_test_x=torch.from_numpy(render(z, rng)),
         global_test_y=torch.from_numpy(teacher_labels(teachers.root_weight, teachers.root_bias, z)),
-        client_train=list(blocks * num_train + np.arange(num_train)),
+        client_train=client_train,
         client_test=list(blocks * num_test + np.arange(num_test)),
         groups=teachers.clusters,
         unseen=choose_unseen(num_clients, fraction=cfg.unseen_fraction, rng=make_rng(seed, "unseen")),
