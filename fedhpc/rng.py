@@ -39,6 +39,8 @@ class Purpose(IntEnum):
     """The random sketch of the scalable clustering path: ids (seed, matrix index)."""
     FAULTS = 10
     """Client faults (`faults`: dropout, late clients and their share of work): ids (seed, client, round)."""
+    TREE_SAMPLE = 11
+    """The seen clients FedTreeLoRA builds its tree on when there are more than `tree_clients`: ids (seed,)."""
 
 
 def keyed_rng(*ids: int, purpose: Purpose) -> np.random.Generator:

@@ -213,6 +213,30 @@ def test_the_tree_is_built_from_the_gathered_warm_up_factors():
             torch.testing.assert_close(server[key][g], rows[key][labels[l] == g].double().mean(0).float())
 
 
+def test_a_tree_over_a_sample_of_clients_places_the_others_by_their_own_B():
+    """tree_clients < seen: the gathering round trains a seeded sample only, the tree is built on it,
+    and every other client is routed to its planted group at every layer (ARI 1 over all clients);
+    tree_clients >= seen is the exact rule, bit for bit."""
+    from sklearn.metrics import adjusted_rand_score
+
+    n, cap = 30, 12
+    ids, groups = np.arange(n), np.arange(n) % 3
+    uploads = _rows(ids, _shapes(), 0, groups=groups)
+    strategy, again = _strategy(n, tree_clients=cap), _strategy(n, tree_clients=cap)
+    fresh = lambda s: s.init_server({k: torch.zeros(1, *shape) for k, shape in s.shapes.items()}, frozen={})  # noqa: E731
+    plan, server = _reduce(strategy, fresh(strategy), ids, uploads)
+    sample = plan.participants
+    assert len(sample) == cap and len(np.unique(sample)) == cap and np.isin(sample, ids).all()
+    np.testing.assert_array_equal(again.configure_train(fresh(again), ids, ids).participants, sample)  # seeded
+    labels = server["tree.labels"].numpy()
+    assert (labels[:, sample] >= 0).all() and (np.delete(labels, sample, axis=1) < 0).all()
+    placed = strategy._labels(server, uploads, ids)  # outside clients routed by their own B
+    for layer in range(len(strategy.layers)):
+        assert adjusted_rand_score(groups, placed[layer]) == 1.0
+    exact, everyone = _built(_strategy(n, tree_clients=0)), _built(_strategy(n, tree_clients=n))
+    assert exact.keys() == everyone.keys() and all(torch.equal(exact[k], everyone[k]) for k in exact)
+
+
 @pytest.mark.parametrize("weighting", ["uniform", "samples"])
 def test_per_layer_group_reduction_and_external_experts_equal_a_float64_loop(weighting):
     """One round after the tree: each layer's block is grouped by that layer's cut; each cluster's
@@ -450,6 +474,8 @@ def test_bad_options_are_config_errors():
         load_config(CONFIG, ["strategy.name=fedtreelora", "strategy.keep_optimizer_state=true"])
     with pytest.raises(ConfigError, match="warmup_rounds"):
         load_config(CONFIG, ["strategy.name=fedtreelora", "strategy.warmup_rounds=0"])
+    with pytest.raises(ConfigError, match="tree_clients"):
+        load_config(CONFIG, ["strategy.name=fedtreelora", "strategy.tree_clients=1"])
     mixed_ranks = Population(num_examples=np.ones(3), groups=np.zeros(3, dtype=np.int64),
                              ranks=ClientRanks(np.array([2, 4, 2]), 4.0))
     with pytest.raises(ValueError, match="one rank"):

@@ -7,7 +7,8 @@ Heterogeneity in Federated LoRA Fine-Tuning", ICML 2026, arXiv 2603.13282. Spec:
 transformer block: all adapted modules of block l share its cut.
 
   warm-up   `warmup_rounds` rounds of local training from the shared init, nothing exchanged; in
-            the last one every seen client uploads its A and B (and head), gathered whole.
+            the last one every seen client (at most `tree_clients`, a seeded sample) uploads its
+            A and B (and head), gathered whole.
   tree      per layer D⁽ˡ⁾_ij = ‖B_{l,i} − B_{l,j}‖_F (B of a layer = its modules' B side by side),
             one agglomerative tree on the mean distance, a nested cut c_l per layer by the
             monotone window rule (tree_cuts.py). Built once, static afterwards.
@@ -25,8 +26,8 @@ transformer block: all adapted modules of block l share its cut.
 A client's personalized model is one LoRA of rank 2r per module, [λ B̄_S, (1 − λ) B̄_ext] [Ā_S; Ā_ext]
 (`fedhpc export --client K` folds it, io/export.py).
 
-A seen client that did not return from the gathering round (`faults.dropout`) is outside the
-tree. Wherever its cluster is needed it is routed on its own, per layer to the cluster whose mean
+A seen client that did not return from the gathering round (`faults.dropout`), or was not among
+its `tree_clients` sample, is outside the tree. Wherever its cluster is needed it is routed on its own, per layer to the cluster whose mean
 B is nearest its own B by the tree's distance; its first return after the build is its join
 round: it trains in those clusters and uploads its B (gathered, before training), the server
 places it the same way and counts it from the next round on (its update of the join round counts
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from ..models.cohort import group_by_block, lora_keys, mixture_keys
+from ..rng import Purpose, keyed_rng
 from ..runtime.exchange import Means, Rows
 from .base import (Block, ClientPlan, Exchange, LocalHooks, RoundPlan, Strategy, StrategyConfig, Task, is_head,
                    is_lora_a, kept_init, register_strategy)
@@ -87,6 +89,11 @@ class FedTreeLoRAConfig(StrategyConfig):
     weighting: Literal["uniform", "samples"] = "uniform"
     """Weight of a client in cluster and external means: 1 (the notes' 1/|S| means and the authors'
     FedALT code) or its training sample count."""
+    tree_clients: int = 1000
+    """At most this many seen clients (a seeded sample when there are more) train in the gathering
+    round and make the tree, whose distances cost O(n²) per layer; the others join when first
+    sampled, routed by their own B as late joiners are. 0: every seen client (the paper's rule at
+    any size) [reconstructed]."""
     head: Literal["deepest", "global", "private"] = "deepest"
     """The classifier head after the warm-up: averaged per cluster of the deepest layer's cut,
     over everyone, or kept by each client [reconstructed: the notes say nothing of the head]."""
@@ -95,6 +102,8 @@ class FedTreeLoRAConfig(StrategyConfig):
         if self.warmup_rounds < 1:
             raise ValueError(f"warmup_rounds must be >= 1 (the tree is built from warm-up factors), "
                              f"got {self.warmup_rounds}")
+        if self.tree_clients < 0 or self.tree_clients == 1:
+            raise ValueError(f"tree_clients must be 0 (every seen client) or >= 2, got {self.tree_clients}")
         if self.window < 1 or self.fixed_k < 1:
             raise ValueError(f"window and fixed_k must be >= 1, got {self.window}, {self.fixed_k}")
         if self.keep_optimizer_state:
@@ -149,7 +158,7 @@ class FedTreeLoRA(Strategy):
         return bool(server["tree.built"][0])
 
     def _gathering(self, server) -> bool:
-        """The last warm-up round: everyone uploads the factors the tree is built from."""
+        """The last warm-up round: the tree clients upload the factors the tree is built from."""
         return not self._built(server) and int(server["tree.round"][0]) + 1 >= self.cfg.warmup_rounds
 
     def _mixed(self, count: int) -> bool:
@@ -159,9 +168,17 @@ class FedTreeLoRA(Strategy):
     def _weights(self) -> np.ndarray | None:
         return np.ones(self.population.size) if self.cfg.weighting == "uniform" else None
 
+    def _tree_sample(self, seen: np.ndarray) -> np.ndarray:
+        """The seen clients of the gathering round: all, or a seeded `tree_clients` of them (sorted)."""
+        cap = self.cfg.tree_clients
+        if cap == 0 or len(seen) <= cap:
+            return seen
+        rng = keyed_rng(self.population.seed, purpose=Purpose.TREE_SAMPLE)
+        return np.sort(rng.choice(seen, size=cap, replace=False))
+
     # --- the round -----------------------------------------------------------------------------
     def configure_train(self, server, sampled, seen):
-        """Warm-up: nothing travels (the last round gathers every seen client's factors). Then one
+        """Warm-up: nothing travels (the last round gathers the tree clients' factors). Then one
         mean block per layer, grouped by its cut, and the head per group."""
         lora = lambda modules: {k: self.shapes[k] for m in modules for k in lora_keys(m)}
         heads = {h: self.shapes[h] for h in self.heads}
@@ -170,7 +187,8 @@ class FedTreeLoRA(Strategy):
                 return RoundPlan(sampled, Exchange())
             keys = lora(m for modules in self.layers for m in modules)
             keys.update(heads if self.cfg.head != "private" else {})
-            return RoundPlan(seen, Exchange({WARMUP: Block(keys, reduce="gather", weights=self._weights())}))
+            return RoundPlan(self._tree_sample(seen), Exchange({WARMUP: Block(keys, reduce="gather",
+                                                                              weights=self._weights())}))
         labels = server["tree.labels"].cpu().numpy()
         joining = sampled[labels[0, sampled] < 0]  # missed the gathering round: routed by their own B
         labels = np.maximum(labels, 0)
