@@ -234,3 +234,43 @@ def test_interrupted_job_resumes_to_the_uninterrupted_summary(slurm, reference, 
     assert script in first, text[-3000:]  # srun's own "forcing job termination" on SIGTERM leaves the ranks KillWait
     assert f"fedhpc: resumed from {checkpoint} (round 1 of 3)" in second and "fedhpc: done" in second, text[-3000:]
     _close(_summary(tmp_path), reference)
+
+
+def test_sweep_array_runs_each_point_once(slurm, tmp_path):
+    """slurm/sweep.sbatch as a 2-task job array: each task runs its own point of the list `--dry-run`
+    froze, each point's summary is that of a plain `fedhpc run` of it, and `--table` reads both."""
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(json.dumps({  # JSON is YAML
+        "name": "tiny", "out_dir": str(tmp_path / "runs"), "base": str(REPO / "configs" / "quickstart.yaml"),
+        "overrides": [*TINY, "rounds=1"], "methods": {"fedit": ["strategy={name: fedit}"]},
+        "seeds": [0, 1], "metrics": ["personalized_mean", "global_accuracy"]}))
+    fedhpc = [sys.executable, "-m", "fedhpc", "sweep", str(sweep)]
+    listed = _slurm(slurm, *fedhpc, "--dry-run")
+    assert "2 points known now, 2 to run" in listed.stdout, listed.stdout + listed.stderr
+    log = tmp_path / "task-%a.log"
+    job = _sbatch(slurm, log, "--array=0-1", "slurm/sweep.sbatch", str(sweep))
+
+    def states():
+        lines = _slurm(slurm, "scontrol", "show", "job", "--oneliner", job).stdout.splitlines()
+        return [dict(f.split("=", 1) for f in line.split() if "=" in f)["JobState"] for line in lines]
+
+    _wait_for(lambda: len(states()) == 2 and set(states()) <= TERMINAL, f"array {job} to end")
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("task-*.log")))
+    assert states() == ["COMPLETED", "COMPLETED"], logs[-3000:]
+    for seed in (0, 1):  # one task per point: each log names its own point once
+        assert logs.count(f"fedit/base_s{seed}: running (report)") == 1, logs[-3000:]
+    again = _slurm(slurm, *fedhpc, "--dry-run")
+    assert "0 to run" in again.stdout, again.stdout
+    summaries = [json.loads((tmp_path / "runs" / "tiny" / "fedit" / f"base_s{s}" / "summary.json").read_text())
+                 for s in (0, 1)]
+    plain = tmp_path / "plain"
+    proc = _slurm(slurm, sys.executable, "-m", "fedhpc", "run", "configs/quickstart.yaml", *TINY, "rounds=1",
+                  "strategy={name: fedit}", "seed=1", f"out_dir={plain}", "name=base_s1", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _close(summaries[1], json.loads((plain / "base_s1" / "summary.json").read_text()))
+    table = _slurm(slurm, *fedhpc, "--table")
+    assert table.returncode == 0, table.stderr
+    values = [s["personalized_mean"] for s in summaries]
+    mean, std = sum(values) / 2, abs(values[0] - values[1]) / 2 ** 0.5  # sample std (ddof 1) of two
+    row = next(line for line in table.stdout.splitlines() if line.startswith("| fedit |"))
+    assert f"| 2/2 | {mean:.3f} ± {std:.3f} |" in row, table.stdout
