@@ -15,11 +15,11 @@ MODEL = ModelConfig(name="vit_tiny_patch16_224", kwargs=dict(img_size=16, patch_
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"])
 
 
-def _reference_client(adapters_k, x, y, batches, opt_cfg, max_norm):
-    """One client trained alone: a peft model and torch's own optimizer."""
+def _peft_client(adapters_k, rank, alpha, *, dropout=0.0):
+    """One client alone: a peft model holding `adapters_k`, and its trainable parameters by fedhpc key."""
     backbone, head, _ = build_backbone(MODEL, num_classes=5, seed=0)
-    model = get_peft_model(backbone, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"],
-                                                    modules_to_save=[head])).eval()
+    model = get_peft_model(backbone, PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=["qkv", "fc1"],
+                                                    lora_dropout=dropout, modules_to_save=[head])).eval()
     params = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -29,6 +29,12 @@ def _reference_client(adapters_k, x, y, batches, opt_cfg, max_norm):
         with torch.no_grad():
             p.copy_(adapters_k[key])
         params[key] = p
+    return model, params
+
+
+def _reference_client(adapters_k, x, y, batches, opt_cfg, max_norm):
+    """One client trained alone: a peft model and torch's own optimizer."""
+    model, params = _peft_client(adapters_k, 4, 8)
     if opt_cfg.name == "adamw":
         opt = torch.optim.AdamW(params.values(), lr=opt_cfg.lr, betas=opt_cfg.betas, eps=opt_cfg.eps,
                                 weight_decay=opt_cfg.weight_decay)

@@ -8,36 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 
 from conftest import REPO, TINY
-from fedhpc.models.backbone import build_backbone, build_cohort_model
-from fedhpc.models.config import LoraConfig, ModelConfig
+from test_local_train import MODEL, _peft_client
+from fedhpc.models.backbone import build_cohort_model
+from fedhpc.models.config import LoraConfig
 from fedhpc.models.dropout import client_keys, keyed_dropout
 from fedhpc.strategies.hilora_tiers import CLUSTER, TierHooks
 from fedhpc.train.local import LocalHooks, TrainConfig, client_batches, local_train, split_passes
 from fedhpc.train.optim import OptimConfig, StackedOptimizer
 
-MODEL = ModelConfig(name="vit_tiny_patch16_224", kwargs=dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2))
 R = 2  # HiLoRA tier rank: the model holds 3R
-
-
-def _peft_client(adapters_k, rank, alpha, *, dropout=0.0):
-    """One client alone: a peft model holding `adapters_k`, and its trainable parameters by fedhpc key."""
-    backbone, head, call = build_backbone(MODEL, num_classes=5, seed=0)
-    model = get_peft_model(backbone, PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=["qkv", "fc1"],
-                                                    lora_dropout=dropout, modules_to_save=[head])).eval()
-    params = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = name.replace("base_model.model.", "").replace(".default", "").replace(".modules_to_save", "")
-        key = key.removesuffix(".weight") if ".lora_" in key else key
-        with torch.no_grad():
-            p.copy_(adapters_k[key])
-        params[key] = p
-    return model, params
 
 
 def _data(seed=0, n=60):
