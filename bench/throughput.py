@@ -42,7 +42,7 @@ Regimes:
   overhead  cross-device simulation: 256 clients x 16 samples, ViT depth 4 width 64 on 32x32
             inputs (64 patches), LoRA r=4 on qkv, batch 16, 1 epoch (one step per client).
             Also a clients_per_pass sweep and the value `probe_clients_per_pass` picks.
-            Target: cohort >= 4x sequential (2-core CPU).
+            Target: cohort >= 2.5x sequential (stretch 4x; issue 16).
   compute   ViT-tiny (width 192, depth 12, 64 patches), 32 clients x 64 samples, batch 16.
             Target: cohort >= 1.2x. Also a clients_per_pass sweep. Achieved GFLOP/s of both (forward
             + backward FLOPs of one step counted by FlopCounterMode, CPU flash attention
@@ -91,7 +91,7 @@ class Regime:
 
 REGIMES = {
     "overhead": Regime(model=dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=4),
-                       clients=256, samples=16, target=4.0, sweep=(1, 2, 8, 32, 128, 256)),
+                       clients=256, samples=16, target=2.5, sweep=(1, 2, 8, 32, 128, 256)),
     "compute": Regime(model=dict(img_size=32, patch_size=4), clients=32, samples=64, target=1.2, sweep=(2, 8, 32)),
 }
 QUICK = {  # a CI smoke test: every code path, tiny sizes
