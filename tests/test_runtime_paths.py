@@ -195,7 +195,7 @@ def test_exported_hilora_and_flora_clients_give_the_logits_fedhpc_evaluates(stra
 
 
 def test_no_triton_interpret_leaks_out_of_the_kernel_tests():
-    """tests/kernels sets TRITON_INTERPRET per test only: later tests (this file runs after them) and
+    """tests/kernel_tests sets TRITON_INTERPRET per test only: later tests (this file runs after them) and
     the subprocesses they start see the environment the session started with."""
     from conftest import TRITON_INTERPRET_AT_START
 
