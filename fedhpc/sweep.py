@@ -60,7 +60,6 @@ the run's final checkpoint (`count_adapter_params`). Budgets that differ between
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .configtree import ConfigError
+from .configtree import ConfigError, closest
 
 __all__ = ["Sweep", "Stage", "Point", "load_sweep", "plan", "run_sweep", "sweep_table", "paired_stats",
            "count_adapter_params", "main"]
@@ -139,9 +138,7 @@ def _bad(path, message: str) -> ConfigError:
 def _check_keys(path, where: str, data: dict, allowed) -> None:
     for key in data:
         if key not in allowed:
-            match = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.0)
-            hint = f"; did you mean '{match[0]}'?" if match else ""
-            raise _bad(path, f"unknown key '{where}{key}'{hint}")
+            raise _bad(path, f"unknown key '{where}{key}'{closest(str(key), allowed)}")
 
 
 def _str_list(path, where: str, value) -> list[str]:

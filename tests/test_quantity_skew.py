@@ -1,5 +1,6 @@
 """data.planted.quantity_skew: unequal client sizes on planted data (issue 18), off by default."""
 import numpy as np
+import torch
 import pytest
 
 from fedhpc.config import load_config
@@ -36,6 +37,9 @@ def test_quantity_skew_per_rank_build_matches_the_full_build():
     full, _ = _data("data.planted.quantity_skew=0.5")
     part, _ = _data("data.planted.quantity_skew=0.5", hosted=np.arange(3, 7))
     assert [len(t) for t in part.client_train] == [len(t) for t in full.client_train]
+    for c in range(3, 7):  # the hosted clients' samples themselves, not only their counts
+        for x in ("train_x", "train_y"):
+            assert torch.equal(getattr(part, x)[part.client_train[c]], getattr(full, x)[full.client_train[c]])
 
 
 def test_quantity_skew_must_be_non_negative():
