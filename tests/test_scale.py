@@ -333,9 +333,9 @@ def test_chunk_offsets_equal_per_row_chunk_info(tmp_path):
     from types import SimpleNamespace
 
     from fedhpc.io.checkpoint.format import _allocated_per_client
-    from fedhpc.io.checkpoint.stream import _chunk_offsets
+    from fedhpc.io.checkpoint.format import chunk_offsets
 
     with h5py.File(tmp_path / "f.h5", "w", userblock_size=512) as f:
         for key, shape in (("a", (300, 10, 7)), ("b", (300,)), ("c", (5, 1000))):
             ds = _allocated_per_client(f, key, SimpleNamespace(shape=shape, dtype=np.dtype(np.float32)))
-            assert np.array_equal(_chunk_offsets(ds), [ds.id.get_chunk_info(i).byte_offset for i in range(shape[0])])
+            assert np.array_equal(chunk_offsets(ds), [ds.id.get_chunk_info(i).byte_offset for i in range(shape[0])])

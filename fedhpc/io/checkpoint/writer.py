@@ -17,6 +17,7 @@ import datetime
 import os
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,13 +69,16 @@ def write_checkpoint(path: Path, snap: Snapshot) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         rows = lay_out(tmp, snap)
+        known = []  # (offset, length, CRC-32) of each row written: the seal does not read them back
         fd = os.open(tmp, os.O_WRONLY)
         try:
             for offset, row in rows:
-                os.pwrite(fd, np.ascontiguousarray(row), offset)
+                row = np.ascontiguousarray(row)
+                os.pwrite(fd, row, offset)
+                known.append((offset, row.nbytes, zlib.crc32(row)))
         finally:
             os.close(fd)
-        seal(tmp)  # the whole-file checksum, once every byte is in
+        seal(tmp, known)  # the whole-file checksum, once every byte is in
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -216,7 +220,6 @@ class Checkpointer:
             if self.is_writer:
                 for old in sorted(self.folder.glob("round-*.h5"))[:-self.cfg.keep]:
                     old.unlink()
-            if self.is_writer:
                 self.latest = path
         except OSError as err:  # disk full, ...: the previous checkpoints are still there
             self._report(path, err)
