@@ -215,8 +215,7 @@ def test_the_tree_is_built_from_the_gathered_warm_up_factors():
 
 def test_a_tree_over_a_sample_of_clients_places_the_others_by_their_own_B():
     """tree_clients < seen: the gathering round trains a seeded sample only, the tree is built on it,
-    and every other client is routed to its planted group at every layer (ARI 1 over all clients);
-    tree_clients >= seen is the exact rule, bit for bit."""
+    and every other client is routed to its planted group at every layer (ARI 1 over all clients)."""
     from sklearn.metrics import adjusted_rand_score
 
     n, cap = 30, 12
@@ -233,8 +232,6 @@ def test_a_tree_over_a_sample_of_clients_places_the_others_by_their_own_B():
     placed = strategy._labels(server, uploads, ids)  # outside clients routed by their own B
     for layer in range(len(strategy.layers)):
         assert adjusted_rand_score(groups, placed[layer]) == 1.0
-    exact, everyone = _built(_strategy(n, tree_clients=0)), _built(_strategy(n, tree_clients=n))
-    assert exact.keys() == everyone.keys() and all(torch.equal(exact[k], everyone[k]) for k in exact)
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "samples"])
