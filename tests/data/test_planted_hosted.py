@@ -1,5 +1,7 @@
 """Planted data built per rank (issue 21): a rank that builds only its own clients gets, for each
 of them, the same bits as the full build; the blocked teacher calibration equals one pass."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -64,10 +66,15 @@ def test_hosted_refused_for_other_data():
         build_federated_data(DataConfig(name="digits"), num_clients=4, seed=0, hosted=np.arange(2))
 
 
-def test_blocked_calibration_equals_one_pass(monkeypatch):
+@pytest.mark.parametrize("latent_dim, num_classes", [(16, 10), (4, 4)])
+def test_blocked_calibration_equals_one_pass(monkeypatch, latent_dim, num_classes):
     """Teachers calibrated 3 at a time give the bits of all 13 at once (each bias depends on its
-    own teacher only), and a hosted subset gets its clients' biases bit for bit."""
-    cfg = config().planted
+    own teacher only), and a hosted subset gets its clients' biases bit for bit; at latent_dim 4
+    some teachers take the exact solve (`_solve_balance`), at 16 none does."""
+    cfg = dataclasses.replace(config().planted, latent_dim=latent_dim, num_classes=num_classes)
+    solved = []
+    solve = planted._solve_balance
+    monkeypatch.setattr(planted, "_solve_balance", lambda logits: solved.append(1) or solve(logits))
     monkeypatch.setattr(planted, "CALIBRATION_BLOCK", 10 ** 6)
     one = planted.plant_teachers(cfg, num_clients=12, seed=SEED)
     monkeypatch.setattr(planted, "CALIBRATION_BLOCK", 3)
@@ -77,6 +84,7 @@ def test_blocked_calibration_equals_one_pass(monkeypatch):
     part = planted.plant_teachers(cfg, num_clients=12, seed=SEED, hosted=np.array([2, 3, 4, 9]))
     assert np.array_equal(part.bias[[2, 3, 4, 9]], one.bias[[2, 3, 4, 9]])
     assert np.isnan(part.bias[[0, 1, 5]]).all() and np.array_equal(part.root_bias, one.root_bias)
+    assert bool(solved) == (latent_dim == 4)
     # and calibration still balances each teacher's classes (the property it exists for)
     z = np.random.default_rng(0).standard_normal((4000, cfg.latent_dim))
     counts = np.bincount(planted.teacher_labels(one.weight[0], one.bias[0], z), minlength=cfg.num_classes)
