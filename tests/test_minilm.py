@@ -65,3 +65,25 @@ def test_padding_is_masked_in_the_cohort_forward():
     with torch.no_grad():
         short, long = cohort(ids, adapters), cohort(padded, adapters)
     assert torch.allclose(short, long, atol=1e-5)
+
+
+def test_planted_text_wears_the_tokenizers_frame():
+    """Planted text for the MiniLM starts with its [CLS] and ends with its [SEP] (the ids its own
+    tokenizer gives), as tokenized text does; the planted tokens between are those of the unframed
+    build's range, and without a tokenizer nothing is framed."""
+    from transformers import AutoTokenizer
+
+    from fedhpc.data import TOKEN_OFFSET, DataConfig, PlantedConfig, build_federated_data
+
+    tok = AutoTokenizer.from_pretrained(resolve_hf_path(MINILM))
+    cfg = DataConfig(name="planted", planted=PlantedConfig(teacher="latent", num_clusters=2, samples_per_client=10,
+                                                           global_test_size=20))
+    framed = build_federated_data(cfg, num_clients=4, seed=0, modality="text", seq_len=12, vocab_size=50,
+                                  tokenizer=MINILM)
+    for x in (framed.train_x, framed.test_x, framed.global_test_x):
+        assert x.shape[1] == 12
+        assert (x[:, 0] == tok.cls_token_id).all() and (x[:, -1] == tok.sep_token_id).all()
+        assert x[:, 1:-1].min() >= TOKEN_OFFSET and x[:, 1:-1].max() < TOKEN_OFFSET + 50
+    plain = build_federated_data(cfg, num_clients=4, seed=0, modality="text", seq_len=12, vocab_size=50)
+    assert plain.train_x.min() >= TOKEN_OFFSET
+    assert torch.equal(framed.train_y, plain.train_y)  # the frame changes the text, not the labels

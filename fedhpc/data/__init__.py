@@ -17,7 +17,7 @@ from .digits import load_digits
 from .domainnet import load_domainnet
 from .federated import FederatedData
 from .folder import load_folder
-from .hf import load_hf
+from .hf import load_hf, special_frame
 from .planted import TOKEN_OFFSET, TextShape, load_planted
 
 __all__ = ["build_federated_data", "list_datasets", "DATASETS", "TEXT_DATASETS", "DataConfig",
@@ -59,7 +59,7 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
         seq_len: tokens per text sample.
         vocab_size: distinct token ids a text sample may use.
         tokenizer: the Hugging Face model (`model.name`) whose tokenizer turns text into token ids
-            (`hf` text columns).
+            (`hf` text columns); planted text wears its special tokens (`TextShape.frame`).
         hosted: planted data only: build only these clients' samples (a rank's own clients; the
             same bits per client as the full build, see `load_planted`). None: every client's.
     """
@@ -69,7 +69,7 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, seed: int,
         if hosted is not None:
             if cfg.name != "planted":
                 raise ValueError(f"hosted: only planted data is built per rank, not {cfg.name!r}")
-            text = TextShape(seq_len=seq_len, vocab_size=vocab_size) if modality == "text" else None
+            text = _text_shape(seq_len, vocab_size, tokenizer) if modality == "text" else None
             return load_planted(cfg, num_clients=num_clients, seed=seed, text=text, hosted=hosted)
         return _build(cfg, num_clients=num_clients, seed=seed, modality=modality, seq_len=seq_len,
                       vocab_size=vocab_size, tokenizer=tokenizer)
@@ -92,4 +92,9 @@ def _build(cfg: DataConfig, *, num_clients: int, seed: int, modality: str, seq_l
         raise ValueError(f"data set {cfg.name!r} has images only; text modality needs one of "
                          f"{', '.join(TEXT_DATASETS)}")
     return DATASETS[cfg.name](cfg, num_clients=num_clients, seed=seed,
-                              text=TextShape(seq_len=seq_len, vocab_size=vocab_size))
+                              text=_text_shape(seq_len, vocab_size, tokenizer))
+
+
+def _text_shape(seq_len: int, vocab_size: int, tokenizer: str) -> TextShape:
+    """Planted text framed by the model's own special tokens when its tokenizer is known."""
+    return TextShape(seq_len=seq_len, vocab_size=vocab_size, frame=special_frame(tokenizer) if tokenizer else None)

@@ -206,6 +206,17 @@ def tokenize(texts: list[str], *, tokenizer: str, seq_len: int) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
+def special_frame(tokenizer: str) -> tuple[int, int] | None:
+    """(first, last) special token ids the model's tokenizer puts around a text (BERT: [CLS], [SEP];
+    GPT-2: none, so None): planted text wears the same frame (`TextShape.frame`)."""
+    from transformers import AutoTokenizer
+
+    from ..models.backbone import resolve_hf_path
+
+    ids = AutoTokenizer.from_pretrained(resolve_hf_path(tokenizer))("")["input_ids"]
+    return (ids[0], ids[-1]) if len(ids) == 2 else None
+
+
 def _input_kind(values: list, column: str) -> str:
     from PIL import Image
 

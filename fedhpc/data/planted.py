@@ -70,10 +70,14 @@ class TextShape:
     """Tokens per sample."""
     vocab_size: int
     """Token ids are in [TOKEN_OFFSET, TOKEN_OFFSET + vocab_size)."""
+    frame: tuple[int, int] | None = None
+    """(first, last): the model's special tokens around every sample, e.g. BERT's [CLS] ... [SEP],
+    so a planted sample looks like tokenized text to the model (its classifier reads position 0);
+    the planted tokens fill the seq_len - 2 positions between. None: planted tokens only."""
 
     def __post_init__(self):
-        if self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.seq_len < (3 if self.frame else 1):
+            raise ValueError(f"seq_len must be >= {3 if self.frame else 1}, got {self.seq_len}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
 
@@ -216,9 +220,14 @@ def token_table(latent_dim: int, vocab_size: int, seed: int) -> np.ndarray:
 
 
 def render_tokens(z: np.ndarray, rng: np.random.Generator, *, table: np.ndarray,
-                  seq_len: int) -> np.ndarray:
+                  seq_len: int, frame: tuple[int, int] | None = None) -> np.ndarray:
     """`[N, seq_len]` int64 token ids drawn from softmax(E z / tau), by inverse CDF, in
-    chunks of rows so that the `[rows, V]` CDF stays small for a large vocabulary."""
+    chunks of rows so that the `[rows, V]` CDF stays small for a large vocabulary; with a
+    `frame` (first, last) the drawn tokens sit between those two (`TextShape.frame`)."""
+    if frame is not None:
+        inner = render_tokens(z, rng, table=table, seq_len=seq_len - 2)
+        column = np.ones((len(z), 1), dtype=inner.dtype)
+        return np.concatenate([column * frame[0], inner, column * frame[1]], axis=1)
     vocab_size = table.shape[0]
     rows_per_chunk = max(1, TOKEN_CHUNK // vocab_size)
     chunks = []
@@ -272,7 +281,7 @@ def load_planted(cfg: DataConfig, *, num_clients: int, seed: int,
         render = partial(render_images, decoder=image_decoder(planted.latent_dim, cfg.image_size, seed))
     else:
         render = partial(render_tokens, table=token_table(planted.latent_dim, text.vocab_size, seed),
-                         seq_len=text.seq_len)
+                         seq_len=text.seq_len, frame=text.frame)
 
     xs, ys = [], []
     for k in built:
