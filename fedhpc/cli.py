@@ -78,6 +78,25 @@ def _resolve(args, comm):
 
 
 def _run(args) -> int:
+    return _guarded(args, lambda comm, guard: _run_body(args, comm, guard),
+                    expected=lambda: (ValueError, FileNotFoundError, FloatingPointError))
+
+
+def _run_body(args, comm, guard) -> int:
+    from .experiment import run
+
+    cfg, resume = _resolve(args, comm)
+    run(cfg, comm=comm, progress=not args.quiet, resume=resume, guard=guard)
+    return 0
+
+
+def _guarded(args, body, *, expected, preempted: str = "") -> int:
+    """`body(comm, guard)` on every rank of MPI.COMM_WORLD, as `fedhpc run` and `fedhpc sweep` share it:
+    the errors `expected()` names (raised identically on every rank: same config, same data; a function,
+    called once the launch is checked, since their modules may load torch) are one line from rank 0 and
+    exit 2, a preemption exits 75, a full disk is one line and exit 74, and any other
+    exception prints its traceback and, with more than one rank, aborts every rank (one rank failing
+    alone would leave the others waiting forever in a collective)."""
     from .runtime.preempt import PreemptionGuard
 
     # First thing: a SIGTERM / SIGUSR1 during start-up stops the run after round 1 with a checkpoint.
@@ -88,7 +107,7 @@ def _run(args) -> int:
     # SIG_IGN). Called from Python (`main([...])`), the caller's handlers come back instead.
     guard = PreemptionGuard().__enter__()
     try:
-        return _run_guarded(args, guard)
+        return _on_every_rank(body, guard, expected=expected, preempted=preempted)
     finally:
         if args.program:
             import signal
@@ -99,7 +118,7 @@ def _run(args) -> int:
             guard.__exit__(None, None, None)
 
 
-def _run_guarded(args, guard) -> int:
+def _on_every_rank(body, guard, *, expected, preempted: str) -> int:
     from mpi4py import MPI
 
     from .runtime.world import check_launch
@@ -109,41 +128,32 @@ def _run_guarded(args, guard) -> int:
         check_launch(comm)  # before torch loads: a broken launch fails in a second
     except RuntimeError as err:  # N one-rank copies: only Slurm's first task says so
         return _fail(str(err), code=2) if os.environ.get("SLURM_PROCID", "0") == "0" else 2
-    from .config import ConfigError
-    from .experiment import run
-    from .io.checkpoint import CheckpointError
     from .runtime.preempt import PREEMPTED_EXIT_CODE, Preempted
 
+    expected = expected()
     try:
-        cfg, resume = _resolve(args, comm)
-    except (ConfigError, CheckpointError) as err:
-        return _fail(str(err), code=2, comm=comm)
-    try:
-        run(cfg, comm=comm, progress=not args.quiet, resume=resume, guard=guard)
+        return body(comm, guard)
     except Preempted as stop:
         if comm.Get_rank() == 0:
-            print(f"fedhpc: {stop}", flush=True)
+            print(f"fedhpc: {stop}{preempted}", flush=True)
         return PREEMPTED_EXIT_CODE
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        # Raised identically on every rank (same config, same data): each exits cleanly.
+    except expected as err:
         return _fail(str(err).splitlines()[0], code=2, comm=comm)
-    except OSError as err:
-        if err.errno not in DISK_FULL:
-            raise
-        # Rank 0 writes the run directory alone: one line, and the other ranks end with it.
-        print(f"fedhpc: error: disk full: {err}; the run stops, its last complete checkpoint kept: free space "
-              f"and run again with --resume auto", file=sys.stderr, flush=True)
-        if comm.Get_size() > 1:
-            comm.Abort(DISK_FULL_EXIT_CODE)
-        return DISK_FULL_EXIT_CODE
-    except BaseException:
+    except BaseException as err:  # one handler: an error re-raised by another `except` would escape the abort
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            # Rank 0 writes the run directory alone: one line, and the other ranks end with it.
+            print(f"fedhpc: error: disk full: {err}; the run stops, its last complete checkpoint kept: free space "
+                  f"and run again with --resume auto", file=sys.stderr, flush=True)
+            if comm.Get_size() > 1:
+                comm.Abort(DISK_FULL_EXIT_CODE)
+            return DISK_FULL_EXIT_CODE
         if comm.Get_size() > 1:  # one rank failing alone would leave the others waiting forever
             import traceback
 
-            traceback.print_exc()
+            sys.stderr.write(traceback.format_exc())  # one write: line by line, mpiexec lost all but the first
+            sys.stderr.flush()
             comm.Abort(1)
         raise
-    return 0
 
 
 def _inspect(args) -> int:
@@ -182,29 +192,18 @@ def _report(args) -> int:
 
 def _sweep(args) -> int:
     """`fedhpc sweep`: methods x options x seeds, tuned on tuning seeds, one table (fedhpc/sweep.py)."""
-    from mpi4py import MPI
+    def body(comm, guard):
+        from .sweep import main as sweep_main
 
-    from .runtime.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
-    from .runtime.world import check_launch
+        return sweep_main(args, comm, guard=guard)
 
-    comm = MPI.COMM_WORLD
-    try:
-        check_launch(comm)
-    except RuntimeError as err:
-        return _fail(str(err), code=2, comm=comm)
-    from .configtree import ConfigError
-    from .io.checkpoint import CheckpointError
-    from .sweep import main as sweep_main
+    def expected():  # not every ValueError: a point's own (a diverged run) is recorded by fedhpc/sweep.py
+        from .configtree import ConfigError
+        from .io.checkpoint import CheckpointError
 
-    with PreemptionGuard() as guard:
-        try:
-            return sweep_main(args, comm, guard=guard)
-        except (ConfigError, CheckpointError, FileNotFoundError) as err:
-            return _fail(str(err).splitlines()[0], code=2, comm=comm)
-        except Preempted as stop:
-            if comm.Get_rank() == 0:
-                print(f"fedhpc: {stop}; run the sweep again to go on", flush=True)
-            return PREEMPTED_EXIT_CODE
+        return ConfigError, CheckpointError, FileNotFoundError
+
+    return _guarded(args, body, expected=expected, preempted="; run the sweep again to go on")
 
 
 def _bench(args) -> int:
