@@ -5,7 +5,7 @@ the quickstart's planted data, against the dropout rate and against the straggle
 
 Every run is configs/quickstart.yaml (32 clients in 4 planted clusters, 4 unseen; the depth-4 ViT)
 with `rounds` rounds and the method's options below; no option was tuned for this table. Prints
-markdown tables of mean ± std over the seeds (global accuracy where the method has a global model,
+markdown tables of mean ± sample std over the seeds (global accuracy where the method has a global model,
 personalized mean accuracy) and writes every summary to <out>/results.json.
 """
 from __future__ import annotations
@@ -76,9 +76,19 @@ def main() -> None:
             for method in args.methods:
                 values = [r[metric] for r in results if r["method"] == method and r["setting"] == label]
                 values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—")
+                cells.append(pm(values))
             print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n{len(results)} runs in {time.perf_counter() - t0:.0f} s")
+
+
+def pm(values) -> str:
+    """Mean ± sample std (ddof=1, as every other table of the repository); one value alone; — for none."""
+    values = list(values)
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 if __name__ == "__main__":

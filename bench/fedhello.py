@@ -5,7 +5,7 @@
 1. Tuning: each method's learning rate from one grid, on the tuning seed(s) only (final global
    accuracy); the Fed-HeLLo variants share the rate tuned for Fed-HeLLo (bottleneck + FIM).
 2. Report: every variant at its tuned rate on the reported seeds (disjoint from the tuning seeds),
-   mean ± std of the final and the best evaluated global accuracy; the FIM scores of the last FIM
+   mean ± sample std of the final and the best evaluated global accuracy; the FIM scores of the last FIM
    round (planted blocks 4, 5, and a control with the teacher planted in blocks 0, 1); the
    mismatched prior (triangle) with and without FIM; bytes and optimizer state per client.
 One process at a time, OMP_NUM_THREADS=1; a run whose summary exists is not run again.
@@ -55,7 +55,13 @@ def slug(label: str) -> str:
 
 
 def pm(values) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+    """Mean ± sample std (ddof=1, as every other table of the repository); one value alone; — for none."""
+    values = list(values)
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def main() -> None:
