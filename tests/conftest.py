@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
-"""As the session started (tests/kernel_tests sets it per test only; test_runtime_paths checks nothing leaks)."""
 TINY = [
     "rounds=2", "num_clients=8", "data.name=planted", "data.image_size=16", "data.unseen_fraction=0.25",
     "data.planted.samples_per_client=24", "data.planted.num_clusters=2", "data.planted.global_test_size=200",

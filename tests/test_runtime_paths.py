@@ -194,12 +194,29 @@ def test_exported_hilora_and_flora_clients_give_the_logits_fedhpc_evaluates(stra
         assert accuracy == evaluated["personalized_accuracy"][evaluated["clients"].index(client)]
 
 
-def test_no_triton_interpret_leaks_out_of_the_kernel_tests():
-    """tests/kernel_tests sets TRITON_INTERPRET per test only: later tests (this file runs after them) and
-    the subprocesses they start see the environment the session started with."""
-    from conftest import TRITON_INTERPRET_AT_START
+PROBE = """
+import json, os, subprocess, sys
 
-    assert os.environ.get("TRITON_INTERPRET") == TRITON_INTERPRET_AT_START
+def test_probe():  # runs after the kernel test in the same session
     child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('TRITON_INTERPRET'))"],
                            capture_output=True, text=True, check=True)
-    assert child.stdout.strip() == str(TRITON_INTERPRET_AT_START)
+    with open(os.environ["PROBE_OUT"], "w") as f:
+        json.dump({"test": os.environ.get("TRITON_INTERPRET"), "child": child.stdout.strip()}, f)
+"""
+
+
+def test_no_triton_interpret_leaks_out_of_the_kernel_tests(tmp_path):
+    """tests/kernel_tests sets TRITON_INTERPRET while its conftest imports the Triton kernels and per test
+    only: a later test of the same session, and the subprocesses it starts, see the environment the
+    session started with (here: unset). Self-contained, whatever ran before: a pytest session of its
+    own runs a kernel test, then a probe test."""
+    probe, seen = tmp_path / "test_probe.py", tmp_path / "seen.json"
+    probe.write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", PROBE_OUT=str(seen))
+    kernel_test = "tests/kernel_tests/test_kernel_dispatch.py::test_cpu_tensors_use_torch_automatically"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(REPO / "pytest.ini"),
+                           "--rootdir", str(REPO), kernel_test, str(probe)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads(seen.read_text()) == {"test": None, "child": "None"}
