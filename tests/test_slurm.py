@@ -34,7 +34,7 @@ def _sbatch_options(template: Path) -> dict:
     return options
 
 
-@pytest.mark.parametrize("name", ["cpu.sbatch", "gpu.sbatch"])
+@pytest.mark.parametrize("name", ["cpu.sbatch", "gpu.sbatch", "sweep.sbatch"])
 def test_templates_keep_the_launch_invariants(name):
     """Needs no cluster: what the templates must keep whatever a user edits."""
     options = _sbatch_options(REPO / "slurm" / name)
@@ -43,6 +43,38 @@ def test_templates_keep_the_launch_invariants(name):
     if "--gpus-per-node" in options:  # one rank per GPU
         assert options["--ntasks-per-node"] == options["--gpus-per-node"]
     assert subprocess.run(["bash", "-n", REPO / "slurm" / name]).returncode == 0
+
+
+STUB = """#!/bin/bash
+echo "$(basename "$0") $*" >> "$STUB_LOG"
+[[ $* != *" -m fedhpc "* ]] || exit "$STUB_STATUS"
+"""
+
+
+@pytest.mark.parametrize("status", [0, 75])
+def test_sweep_template_runs_its_point_through_launch_sh(tmp_path, status):
+    """Needs no cluster (srun and scontrol are stubs that log their arguments): slurm/sweep.sbatch
+    runs as slurm/launch.sh does, first removing the MPICH segments a killed start of the task's
+    fedhpc step would leave (named by MPICH's hash of "<job>.1", computed here independently),
+    then the task's point as step 1, and requeues the task on exit 75 only."""
+    for name in ("srun", "scontrol"):
+        (tmp_path / name).write_text(STUB)
+        (tmp_path / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_STATUS": str(status),
+           "SLURM_JOB_ID": "4711", "SLURM_ARRAY_JOB_ID": "4709", "SLURM_ARRAY_TASK_ID": "2", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1", "PYTHON": "python"}
+    done = subprocess.run(["bash", "slurm/sweep.sbatch", "s.yaml"], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=60)
+    assert done.returncode == status, done.stdout + done.stderr
+    world = _fnv1a("4711.1")
+    calls = log.read_text().splitlines()
+    assert calls[:2] == [
+        f"srun --nodes=1 --ntasks=1 --ntasks-per-node=1 sh -c rm -f /dev/shm/mpich_shm_{world}_* "
+        f"/dev/shm/mpich_vci_{world}_*",
+        "srun --mpi=pmi2 --wait=60 python -m fedhpc sweep s.yaml --point 2"], calls
+    assert calls[2:] == (["scontrol requeue 4711"] if status == 75 else []), calls
+    assert ("requeueing job 4711 (array task 4709_2)" in done.stdout) == (status == 75), done.stdout
 
 
 @pytest.fixture(scope="module")
