@@ -336,14 +336,14 @@ class Plan:
 def plan(sweep: Sweep) -> Plan:
     """The points that can be named now: each method's stages in order as their predecessors finish,
     then the reported seeds at the chosen values. Reads the run directories' state."""
-    points, seen, choices, scores, waiting = [], set(), {}, {}, []
+    points, by_dir, choices, scores, waiting = [], {}, {}, {}, []
 
     def add(p: Point) -> Point:
-        if p.run_dir not in seen:
-            seen.add(p.run_dir)
+        if p.run_dir not in by_dir:
             p.state = _state(p)
+            by_dir[p.run_dir] = p
             points.append(p)
-        return next(q for q in points if q.run_dir == p.run_dir)
+        return by_dir[p.run_dir]
 
     for option in sweep.options:
         for method in sweep.methods.values():
@@ -410,10 +410,11 @@ def _check_finished(sweep: Sweep, point: Point, cfg) -> None:
                           f"({problem}); delete that folder or rename the sweep")
 
 
-def run_point(sweep: Sweep, point: Point, *, comm, guard=None, say=print) -> None:
+def run_point(sweep: Sweep, point: Point, *, comm, guard=None, say=print, cfg=None) -> None:
     """Run (or resume) one point on the ranks of `comm`; a finished one is checked and skipped, one
-    that another sweep process holds (a lock file next to its run directory) is skipped."""
-    cfg = _requested(sweep, point)
+    that another sweep process holds (a lock file next to its run directory) is skipped. `cfg`: the
+    point's resolved config if the caller has it (else resolved here)."""
+    cfg = _requested(sweep, point) if cfg is None else cfg
     if point.state in ("done", "failed"):
         if comm.Get_rank() == 0:
             _check_finished(sweep, point, cfg)
@@ -469,8 +470,10 @@ def _run_locked(sweep: Sweep, point: Point, cfg, *, comm, guard, say) -> None:
     point.state = "done"
 
 
-def run_sweep(sweep: Sweep, *, comm, guard=None, say=print) -> Plan:
-    """Run every point, planning again as stages finish (later stages and the reported seeds unlock)."""
+def run_sweep(sweep: Sweep, *, comm, guard=None, say=print, configs: dict | None = None) -> Plan:
+    """Run every point, planning again as stages finish (later stages and the reported seeds unlock);
+    returns the plan after the last point. `configs`: run directory -> resolved config of the points
+    the caller has resolved already."""
     handled = set()
     while True:
         current = comm.bcast(plan(sweep) if comm.Get_rank() == 0 else None, root=0)
@@ -478,7 +481,7 @@ def run_sweep(sweep: Sweep, *, comm, guard=None, say=print) -> Plan:
         if not pending:  # nothing new unlocked: every stage and report that can run has run
             return current
         for p in pending:  # finished ones are only checked against their config
-            run_point(sweep, p, comm=comm, guard=guard, say=say)
+            run_point(sweep, p, comm=comm, guard=guard, say=say, cfg=(configs or {}).get(p.run_dir))
             handled.add(p.run_dir)
 
 
@@ -668,8 +671,8 @@ def main(args, comm, guard=None) -> int:
     rank0 = comm.Get_rank() == 0
     say = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
     current = comm.bcast(plan(sweep) if rank0 else None, root=0)
-    for p in current.points:  # every point's config is checked before anything runs
-        _requested(sweep, p)
+    # every point's config is checked before anything runs, each resolved once (run_point is given it)
+    configs = {p.run_dir: _requested(sweep, p) for p in current.points}
     frozen = sweep.out / "points.json"
     if args.dry_run:
         if rank0:
@@ -692,11 +695,10 @@ def main(args, comm, guard=None) -> int:
         if not match:
             raise ConfigError(f"--point {args.point}: {listed[args.point]} is not a point of the sweep now "
                               f"(the sweep file changed?); run --dry-run again")
-        run_point(sweep, match[0], comm=comm, guard=guard, say=say)
+        run_point(sweep, match[0], comm=comm, guard=guard, say=say, cfg=configs[match[0].run_dir])
         return 0
     if not args.table:
-        run_sweep(sweep, comm=comm, guard=guard, say=say)
-        current = comm.bcast(plan(sweep) if rank0 else None, root=0)
+        current = run_sweep(sweep, comm=comm, guard=guard, say=say, configs=configs)
     if rank0:
         text = sweep_table(sweep, current)
         sweep.out.mkdir(parents=True, exist_ok=True)
