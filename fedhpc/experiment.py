@@ -116,13 +116,14 @@ def _round(r: Run, s: _State, round_index: int, out: RunDir) -> dict:
     s.server = _score_proxy(r, s.server, round_index)
     plan = r.strategy.configure_train(s.server, sampled, r.data.seen)
     faults = draw_faults(r.cfg.faults, plan.participants, seed=r.cfg.seed, round_index=round_index)
-    reduction, client_losses, diverged = _train_round(r, s, plan, round_index, faults)
+    position = {int(c): i for i, c in enumerate(plan.participants)}  # client id -> its column of the loss table
+    reduction, client_losses, diverged = _train_round(r, s, plan, round_index, faults, position)
     reduced, sent = reduction.finish(comm=r.world.comm)  # the only collectives on the training path
     totals = allreduce_sum(torch.cat([client_losses.flatten(), torch.tensor([float(sent), float(len(diverged))])]),
                            comm=r.world.comm)
     diverged = agree_diverged(diverged, int(totals[-1]), cfg=r.cfg.faults, round_index=round_index,
                               comm=r.world.comm)  # under faults.diverged=stop: one line, every rank
-    loss_total = _weighted_loss(totals[:-2].view(2, -1), plan.participants, faults.returned, r.per_pass)
+    loss_total = _weighted_loss(totals[:-2].view(2, -1), position, faults.returned, r.per_pass)
     train_loss = float(loss_total[0] / loss_total[1]) if loss_total[1] > 0 else math.nan  # nan: nobody returned
     if loss_total[1] > 0 and not math.isfinite(train_loss):
         raise FloatingPointError(f"round {round_index}: training loss is {train_loss}; lower train.optimizer.lr")
@@ -171,15 +172,14 @@ def _score_proxy(r: Run, server: dict, round_index: int) -> dict:
     return r.strategy.aggregate_score(server, scores, round_index=round_index)
 
 
-def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int,
-                 faults: RoundFaults) -> tuple[Reduction, torch.Tensor, list[int]]:
+def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int, faults: RoundFaults,
+                 position: dict[int, int]) -> tuple[Reduction, torch.Tensor, list[int]]:
     """Local training of this rank's participants that return (`faults`), pass by pass, each pass's
     upload reduced as it ends; also `[2, participants]` float64 (loss × examples, examples) at this
-    rank's trained clients' positions, 0 elsewhere, and the ids of its clients that diverged (not
-    reduced)."""
+    rank's trained clients' positions (`position`: client id -> index in `plan.participants`), 0
+    elsewhere, and the ids of its clients that diverged (not reduced)."""
     mine = faults.returned[np.isin(faults.returned, r.world.clients)]
     reduction = Reduction(plan.exchange, r.data.num_examples)
-    position = {int(c): i for i, c in enumerate(plan.participants)}
     client_losses = torch.zeros(2, len(plan.participants), dtype=torch.float64)
     diverged = []
     for ids in split_passes(mine, r.per_pass):
@@ -219,11 +219,11 @@ def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int,
     return reduction, client_losses, diverged
 
 
-def _weighted_loss(client_losses: torch.Tensor, participants: np.ndarray, returned: np.ndarray,
+def _weighted_loss(client_losses: torch.Tensor, position: dict[int, int], returned: np.ndarray,
                    per_pass: int) -> torch.Tensor:
     """(Σ loss × examples, Σ examples) over the clients that trained, summed pass by pass in the
-    one-rank order whatever the rank count (the sum of floats depends on its order)."""
-    position = {int(c): i for i, c in enumerate(participants)}
+    one-rank order whatever the rank count (the sum of floats depends on its order); `position`:
+    client id -> its column of `client_losses`."""
     total = torch.zeros(2, dtype=torch.float64)
     for ids in split_passes(returned, per_pass):
         loss_weighted, weights = client_losses[:, [position[int(c)] for c in ids]]
