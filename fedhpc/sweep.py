@@ -46,7 +46,9 @@ after each batch. `--dry-run` lists every point known now and freezes the ones l
 `<out_dir>/<name>/points.json`; `--point I` runs entry I of that list (a Slurm job array task,
 slurm/sweep.sbatch), so indices stay put while the array runs. Submit, wait, `--dry-run` again (the
 next stage or the reported seeds), until nothing is left; then `--table`.
-A point that raises (e.g. a diverged run) writes `failed.json` and the sweep goes on. Several sweep
+A point that raises (e.g. a diverged run) writes `failed.json` and the sweep goes on; under several
+ranks only errors that every rank raises together do so (a divergence, a config check), and any other
+error ends the sweep on every rank (a rerun skips the finished points). Several sweep
 processes may work on one sweep at once (`fedhpc sweep S &` twice): each point is locked while it runs
 (`.<point>.lock` beside it) and the others skip it; the last one to finish writes the full table
 (or run `--table` at the end).
@@ -461,7 +463,10 @@ def _run_locked(sweep: Sweep, point: Point, cfg, *, comm, guard, say) -> None:
         say(f"fedhpc sweep: {point.run_dir}: running ({point.phase})")
     try:
         run_experiment(cfg, comm=comm, progress=False, resume=resume, guard=guard)
-    except (ValueError, FloatingPointError) as err:  # the same on every rank: record it, go on
+    except (ValueError, FloatingPointError) as err:
+        if comm.Get_size() > 1 and not isinstance(err, (FloatingPointError, ConfigError)):
+            raise  # may be this rank's alone while the others wait in a collective: the guard aborts them
+        # one rank, or an error every rank raises together (a divergence, a config check): record it, go on
         if comm.Get_rank() == 0:
             point.run_dir.mkdir(parents=True, exist_ok=True)
             (point.run_dir / "failed.json").write_text(json.dumps({"error": str(err).splitlines()[0]}) + "\n")

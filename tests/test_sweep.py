@@ -284,3 +284,43 @@ def test_a_half_finished_point_resumes_and_the_rest_is_skipped(tmp_path, capsys)
     assert _table(tmp_path / "a") == _table(tmp_path / "b")
     strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if "wall" not in k}  # noqa: E731
     assert strip(half / "summary.json") == strip(tmp_path / "a" / "t" / "fedit" / "lr0.01_s100" / "summary.json")
+
+
+class _Ranks:
+    """A communicator stand-in of `size` ranks seen from rank 0 (the failure rule needs only these)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return self.size
+
+
+@pytest.mark.parametrize("size, error, recorded", [
+    (1, ValueError("bad value"), True),
+    (2, ValueError("bad value"), False),  # may be one rank's alone: re-raised so the guard aborts every rank
+    (2, FloatingPointError("client 3 diverged"), True),  # raised on every rank together
+    (2, ConfigError("strategy.k_min too large"), True),
+])
+def test_a_failing_point_is_recorded_only_when_every_rank_raises_it(tmp_path, monkeypatch, size, error, recorded):
+    import fedhpc.experiment
+    from fedhpc import sweep as sweep_module
+
+    sweep = load_sweep(_write(tmp_path / "s.yaml", _sweep_dict(tmp_path)))
+    point = plan(sweep).points[0]
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fedhpc.experiment, "run", fail)
+    cfg = sweep_module._requested(sweep, point)
+    if recorded:
+        sweep_module._run_locked(sweep, point, cfg, comm=_Ranks(size), guard=None, say=lambda *_: None)
+        assert json.loads((point.run_dir / "failed.json").read_text())["error"] == str(error)
+    else:
+        with pytest.raises(ValueError, match="bad value"):
+            sweep_module._run_locked(sweep, point, cfg, comm=_Ranks(size), guard=None, say=lambda *_: None)
+        assert not (point.run_dir / "failed.json").exists()
