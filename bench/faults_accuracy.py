@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mpi4py import MPI
 
 from fedhpc.config import load_config
 from fedhpc.experiment import run
+from fedhpc.sweep import mean_std
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = {
@@ -74,21 +74,10 @@ def main() -> None:
         for label, _ in settings():
             cells = []
             for method in args.methods:
-                values = [r[metric] for r in results if r["method"] == method and r["setting"] == label]
-                values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-                cells.append(pm(values))
+                cells.append(mean_std([r[metric] for r in results if r["method"] == method and r["setting"] == label]))
             print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n{len(results)} runs in {time.perf_counter() - t0:.0f} s")
 
-
-def pm(values) -> str:
-    """Mean ± sample std (ddof=1, as every other table of the repository); one value alone; — for none."""
-    values = list(values)
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 if __name__ == "__main__":

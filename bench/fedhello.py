@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhpc.sweep import mean_std
+
 CONFIG = "configs/fedhello.yaml"
 GROUPS = "groups: {fractions: [1, 1, 1], budgets: [3, 5, 6]}"
 HELLO = f"name: fedhello, {GROUPS}, aggregate_head: true, fim_start: 6, fim_every: 5, fim_samples: 50"
@@ -53,15 +55,6 @@ def run(out: Path, name: str, strategy: str, extra: list[str], seed: int, lr: fl
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
-
-def pm(values) -> str:
-    """Mean ± sample std (ddof=1, as every other table of the repository); one value alone; — for none."""
-    values = list(values)
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def main() -> None:
@@ -99,7 +92,7 @@ def main() -> None:
         best = [max(m["global_accuracy"] for m in r["metrics"] if "global_accuracy" in m) for r in runs]
         up = [r["summary"]["bytes_up"] / r["summary"]["rounds"] / 1e6 for r in runs]
         fim = sorted({m["fim_round"] for r in runs for m in r["metrics"] if m.get("fim_round")})
-        print(f"| {label} | {chosen[METHODS[label][2]]:g} | {pm(final)} | {pm(best)} | {np.mean(up):.4f} "
+        print(f"| {label} | {chosen[METHODS[label][2]]:g} | {mean_std(final)} | {mean_std(best)} | {np.mean(up):.4f} "
               f"| {', '.join(map(str, fim)) or '-'} |", flush=True)
 
     print("\nFIM scores s_l of the last FIM round (round 16), per seed; blocks sorted by score, highest first\n")

@@ -73,7 +73,7 @@ import yaml
 from .configtree import ConfigError, closest
 
 __all__ = ["Sweep", "Stage", "Point", "load_sweep", "plan", "run_sweep", "sweep_table", "paired_stats",
-           "count_adapter_params", "main"]
+           "count_adapter_params", "mean_std", "main"]
 
 WILCOXON_MIN_N = 6
 """Smallest number of paired seeds for which the Wilcoxon signed-rank p-value is reported: with n
@@ -571,7 +571,9 @@ def paired_stats(values: list[float], reference: list[float]) -> dict:
     return out
 
 
-def _ms(values: list[float], digits: int = 3) -> str:
+def mean_std(values: list[float], digits: int = 3) -> str:
+    """A table cell: mean ± sample std (ddof 1) of the values that are not None / NaN; one value alone;
+    – for none; counts of 1000 or more (bytes) as whole numbers."""
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "–"
@@ -642,7 +644,7 @@ def sweep_table(sweep: Sweep, current: Plan, *, budgets: bool = True) -> str:
             choice = current.choices.get((option, m.name))
             chosen = ", ".join(f"{s.name} {choice[s.name]}" for s in m.stages) if choice is not None else "(waiting)"
             row = [m.label, chosen or "–", f"{len(runs)}/{len(sweep.seeds)}",
-                   *(_ms([r.get(k) for r in runs.values()]) for k in sweep.metrics)]
+                   *(mean_std([r.get(k) for r in runs.values()]) for k in sweep.metrics)]
             if ref:
                 base = results[ref]
                 common = [s for s in sweep.seeds if s in runs and s in base

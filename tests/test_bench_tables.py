@@ -17,8 +17,8 @@ def _script(name: str):
 
 @pytest.mark.parametrize("name", ["fedhello", "faults_accuracy"])
 def test_bench_cells_are_mean_and_sample_std(name):
-    pm = _script(name).pm
+    pm = _script(name).mean_std
     values = [0.61, 0.70, 0.64]
     assert pm(values) == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"  # 0.650 ± 0.046
     assert pm(values) != f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"  # not 0.037
-    assert pm([0.5]) == "0.500" and pm([]) == "—"
+    assert pm([0.5]) == "0.500" and pm([]) == "–" and pm([None, float("nan")]) == "–"
