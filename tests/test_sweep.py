@@ -324,3 +324,19 @@ def test_a_failing_point_is_recorded_only_when_every_rank_raises_it(tmp_path, mo
         with pytest.raises(ValueError, match="bad value"):
             sweep_module._run_locked(sweep, point, cfg, comm=_Ranks(size), guard=None, say=lambda *_: None)
         assert not (point.run_dir / "failed.json").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_sweep_files_resolve(path, tmp_path):
+    """Every sweep file in configs/sweeps checks, and each method's first point resolves to a valid
+    config (a renamed config key would otherwise surface only when someone reruns the sweep)."""
+    from fedhpc.sweep import _requested
+
+    sweep = load_sweep(path)
+    sweep.out = tmp_path / sweep.name  # plan reads run directories: none here
+    first = {}
+    for point in plan(sweep).points:
+        first.setdefault(point.method, point)
+    assert set(first) == set(sweep.methods)
+    for point in first.values():
+        assert _requested(sweep, point).seed in sweep.tuning_seeds
