@@ -3,8 +3,8 @@
 Every sample has a latent code z ~ N(0, I_m). An image is a fixed random linear decoding
 of z (a smooth layout plus a fine periodic texture) plus a little noise, so a linear
 read-out of the pixels recovers z, and so do the features of a random-init ViT. A text
-sample is `seq_len` tokens drawn i.i.d. from softmax(E z / tau) over the vocabulary, so
-the bag of tokens reveals z (one table E for every position: order carries nothing, and
+sample is `seq_len` tokens drawn i.i.d. from softmax(E z / tau) over the vocabulary (for a
+Hugging Face model, seq_len - 2 of them between its [CLS] and [SEP]), so the bag of tokens reveals z (one table E for every position: order carries nothing, and
 sampling costs O(N V) rather than O(N T V)). Client k labels z with its own teacher
 
     y = argmax_j (W_k z + b_k)_j,   W_k = W_root + s_c P_{c(k)} + s_l P_k,
@@ -123,13 +123,15 @@ def _balancing_bias(weight: np.ndarray, z: np.ndarray) -> np.ndarray:
     logits = torch.from_numpy(z @ np.swapaxes(weight, -1, -2))
     num_teachers, num_classes = weight.shape[:2]
     bias = torch.zeros((num_teachers, num_classes), dtype=torch.float64)
-    for _ in range(CALIBRATION_STEPS):
+
+    def class_counts():
         labels = (logits + bias[:, None, :]).argmax(dim=-1)
-        counts = torch.zeros_like(bias).scatter_add_(1, labels, torch.ones_like(labels, dtype=bias.dtype))
-        bias -= CALIBRATION_RATE * torch.log((counts + 1) / (len(z) + num_classes) * num_classes)
-    labels = (logits + bias[:, None, :]).argmax(dim=-1)
-    counts = torch.zeros_like(bias).scatter_add_(1, labels, torch.ones_like(labels, dtype=bias.dtype))
-    for t in torch.nonzero(counts.min(dim=1).values < CALIBRATION_FLOOR * len(z) / num_classes).flatten().tolist():
+        return torch.zeros_like(bias).scatter_add_(1, labels, torch.ones_like(labels, dtype=bias.dtype))
+
+    for _ in range(CALIBRATION_STEPS):
+        bias -= CALIBRATION_RATE * torch.log((class_counts() + 1) / (len(z) + num_classes) * num_classes)
+    unbalanced = class_counts().min(dim=1).values < CALIBRATION_FLOOR * len(z) / num_classes
+    for t in torch.nonzero(unbalanced).flatten().tolist():
         bias[t] = _solve_balance(logits[t])
     return bias.numpy()
 
