@@ -27,7 +27,7 @@ from .rng import Purpose, keyed_rng
 from .runtime.world import local_rank
 from .store import MB, default_cap_bytes, make_store
 from .runtime.exchange import modelled_bytes
-from .runtime.faults import RoundFaults, agree_diverged, check_server, draw_faults, nonfinite_clients
+from .runtime.faults import RoundFaults, agree_diverged, check_server, draw_faults, keep_rows, nonfinite_clients
 from .runtime.preempt import Preempted, PreemptionGuard, hold_for_signal
 from .runtime.reduce import Reduction, allreduce_sum
 from .strategies import RoundPlan
@@ -204,8 +204,7 @@ def _train_round(r: Run, s: _State, plan: RoundPlan, round_index: int, faults: R
             diverged += ids[bad].tolist()
             keep = torch.as_tensor(~bad)
             ids, scale = ids[~bad], None if scale is None else scale[~bad]
-            new_state, upload, opt_rows = ({k: v[keep.to(v.device)] for k, v in part.items()}
-                                           for part in (new_state, upload, opt_rows))
+            new_state, upload, opt_rows = (keep_rows(part, keep) for part in (new_state, upload, opt_rows))
             losses = losses[keep.to(losses.device)]
             if len(ids) == 0:
                 continue

@@ -422,3 +422,24 @@ def test_waiting_for_late_clients_changes_no_number(tmp_path):
     clock = {"round_seconds", "clients_per_second", "returned", "dropped", "late", "diverged"}
     for a, b in zip(runs["plain"], runs["wait"]):
         assert {k: v for k, v in a.items() if k not in clock} == {k: v for k, v in b.items() if k not in clock}
+
+
+def test_a_diverging_method_with_a_shared_entry_is_named_not_crashed(tmp_path, capsys):
+    """ILoRA's pass state carries an entry the clients share (its dense residual, leading dimension 1):
+    a diverged client must still be named in one line (stop) or left out (exclude), not end in an
+    IndexError from filtering that entry by client (found by a sweep at lr 0.1)."""
+    ilora = [*TINY, "strategy={name: ilora, aggregation: qr, init: qr, compensation: 1.0}", "train.optimizer.lr=1000"]
+    assert main(["run", CONFIG, *ilora, f"out_dir={tmp_path / 'stop'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedhpc: error: round 1: client") and "diverged (loss or update NaN / inf)" in err
+    assert main(["run", CONFIG, *ilora, "faults.diverged=exclude", f"out_dir={tmp_path / 'exclude'}"]) == 0
+    assert "diverged (loss or update NaN / inf); left out of the aggregate" in capsys.readouterr().out
+
+
+def test_keep_rows_filters_clients_and_keeps_shared_entries():
+    from fedhpc.runtime.faults import keep_rows
+
+    part = {"b": torch.arange(6.0).reshape(3, 2), "shared": torch.ones(1, 4), "scalar": torch.tensor(2.0)}
+    kept = keep_rows(part, torch.tensor([True, False, True]))
+    assert torch.equal(kept["b"], torch.tensor([[0.0, 1.0], [4.0, 5.0]]))
+    assert kept["shared"] is part["shared"] and kept["scalar"] is part["scalar"]

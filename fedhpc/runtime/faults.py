@@ -37,7 +37,7 @@ import torch
 
 from ..rng import Purpose, keyed_rng
 
-__all__ = ["FaultsConfig", "RoundFaults", "draw_faults", "steps_done", "nonfinite_clients", "agree_diverged",
+__all__ = ["FaultsConfig", "RoundFaults", "draw_faults", "steps_done", "nonfinite_clients", "keep_rows", "agree_diverged",
            "check_server"]
 
 
@@ -133,6 +133,13 @@ def nonfinite_clients(losses: torch.Tensor, *parts: dict[str, torch.Tensor]) -> 
             if value.is_floating_point() and value.dim() > 0 and len(value) == len(bad):
                 bad |= ~torch.isfinite(value.detach()).reshape(len(value), -1).all(1).cpu()
     return bad.numpy()
+
+
+def keep_rows(part: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`part` (a pass's new state, upload or optimizer rows) with only the clients `keep` marks: per-client
+    entries `[C, ...]` lose the other rows; an entry the pass shares (leading 1, e.g. ILoRA's dense
+    residual) stays whole, as `nonfinite_clients` never blames it on one client."""
+    return {k: v[keep.to(v.device)] if v.dim() > 0 and len(v) == len(keep) else v for k, v in part.items()}
 
 
 def agree_diverged(local: list[int], count: int, *, cfg: FaultsConfig, round_index: int, comm) -> np.ndarray:
