@@ -27,6 +27,8 @@ __all__ = ["main"]
 
 DISK_FULL_EXIT_CODE = 74  # EX_IOERR in sysexits.h
 DISK_FULL = (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG (a file-size limit)
+STDIO_DRAIN_S = 2.0
+"""Longest wait, before MPI_Abort, for the launcher to read what this rank wrote to stdout / stderr."""
 BENCHES = {"kernels": "bench/kernels.py", "throughput": "bench/throughput.py", "checkpoint": "bench/checkpoint.py"}
 
 
@@ -34,6 +36,28 @@ def _fail(message: str, *, code: int, comm=None) -> int:
     if comm is None or comm.Get_rank() == 0:
         print(f"fedhpc: error: {message}", file=sys.stderr)
     return code
+
+
+def _abort(comm, code: int) -> None:
+    """MPI_Abort once the launcher has read this rank's stdout and stderr. mpiexec (hydra) takes the
+    abort and the output from different pipes and ends every rank as soon as it sees the abort, so a
+    traceback still in the pipe was lost (4 aborts of 30 here): wait, at most STDIO_DRAIN_S,
+    until the pipes are empty. Output to a file or a terminal has nothing to wait for."""
+    import array
+    import fcntl
+    import stat
+    import termios
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pipes = [fd for fd in (1, 2) if stat.S_ISFIFO(os.fstat(fd).st_mode)]
+    unread = array.array("i", [0])
+    deadline = time.monotonic() + STDIO_DRAIN_S
+    for fd in pipes:
+        while fcntl.ioctl(fd, termios.FIONREAD, unread) == 0 and unread[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    comm.Abort(code)
 
 
 def _resolve(args, comm):
@@ -145,14 +169,13 @@ def _on_every_rank(body, guard, *, expected, preempted: str) -> int:
             print(f"fedhpc: error: disk full: {err}; the run stops, its last complete checkpoint kept: free space "
                   f"and run again with --resume auto", file=sys.stderr, flush=True)
             if comm.Get_size() > 1:
-                comm.Abort(DISK_FULL_EXIT_CODE)
+                _abort(comm, DISK_FULL_EXIT_CODE)
             return DISK_FULL_EXIT_CODE
         if comm.Get_size() > 1:  # one rank failing alone would leave the others waiting forever
             import traceback
 
             sys.stderr.write(traceback.format_exc())  # one write: line by line, mpiexec lost all but the first
-            sys.stderr.flush()
-            comm.Abort(1)
+            _abort(comm, 1)
         raise
 
 
