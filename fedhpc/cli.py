@@ -27,6 +27,8 @@ __all__ = ["main"]
 
 DISK_FULL_EXIT_CODE = 74  # EX_IOERR in sysexits.h
 DISK_FULL = (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG (a file-size limit)
+AGREE_S = 30.0
+"""How long a rank that raised an expected error waits for every other rank to raise one too."""
 STDIO_DRAIN_S = 2.0
 """Longest wait, before MPI_Abort, for the launcher to read what this rank wrote to stdout / stderr."""
 BENCHES = {"kernels": "bench/kernels.py", "throughput": "bench/throughput.py", "checkpoint": "bench/checkpoint.py"}
@@ -58,6 +60,26 @@ def _abort(comm, code: int) -> None:
         while fcntl.ioctl(fd, termios.FIONREAD, unread) == 0 and unread[0] and time.monotonic() < deadline:
             time.sleep(0.01)
     comm.Abort(code)
+
+
+def _expected_error(message: str, comm, errors) -> int:
+    """Exit 2 with one line. A config error or a missing file is raised on every rank alike, and then
+    rank 0 says it once; raised on some ranks only (data one rank reads), the others would wait forever
+    in a collective. So the ranks that raised wait, at most AGREE_S, on a barrier of their own
+    communicator `errors` (a duplicate of `comm`, so it cannot match a collective the other ranks are
+    in): when every rank arrives, rank 0 says it once; when not, each says it with its rank and aborts."""
+    if errors is None:
+        return _fail(message, code=2)
+    import time
+
+    arrived = errors.Ibarrier()
+    deadline = time.monotonic() + AGREE_S
+    while not arrived.Test():
+        if time.monotonic() > deadline:
+            print(f"fedhpc: error: on rank {comm.Get_rank()}, not on every rank: {message}", file=sys.stderr)
+            _abort(comm, 2)
+        time.sleep(0.01)
+    return _fail(message, code=2, comm=comm)
 
 
 def _resolve(args, comm):
@@ -116,9 +138,8 @@ def _run_body(args, comm, guard) -> int:
 
 def _guarded(args, body, *, expected, preempted: str = "") -> int:
     """`body(comm, guard)` on every rank of MPI.COMM_WORLD, as `fedhpc run` and `fedhpc sweep` share it:
-    the errors `expected()` names (raised identically on every rank: same config, same data; a function,
-    called once the launch is checked, since their modules may load torch) are one line from rank 0 and
-    exit 2, a preemption exits 75, a full disk is one line and exit 74, and any other
+    the errors `expected()` names (a function, called once the launch is checked, since their modules
+    may load torch) are one line and exit 2 (_expected_error), a preemption exits 75, a full disk is one line and exit 74, and any other
     exception prints its traceback and, with more than one rank, aborts every rank (one rank failing
     alone would leave the others waiting forever in a collective)."""
     from .runtime.preempt import PreemptionGuard
@@ -155,6 +176,7 @@ def _on_every_rank(body, guard, *, expected, preempted: str) -> int:
     from .runtime.preempt import PREEMPTED_EXIT_CODE, Preempted
 
     expected = expected()
+    errors = comm.Dup() if comm.Get_size() > 1 else None  # its own communicator: see _expected_error
     try:
         return body(comm, guard)
     except Preempted as stop:
@@ -162,7 +184,7 @@ def _on_every_rank(body, guard, *, expected, preempted: str) -> int:
             print(f"fedhpc: {stop}{preempted}", flush=True)
         return PREEMPTED_EXIT_CODE
     except expected as err:
-        return _fail(str(err).splitlines()[0], code=2, comm=comm)
+        return _expected_error(str(err).splitlines()[0], comm, errors)
     except BaseException as err:  # one handler: an error re-raised by another `except` would escape the abort
         if isinstance(err, OSError) and err.errno in DISK_FULL:
             # Rank 0 writes the run directory alone: one line, and the other ranks end with it.
@@ -177,6 +199,9 @@ def _on_every_rank(body, guard, *, expected, preempted: str) -> int:
             sys.stderr.write(traceback.format_exc())  # one write: line by line, mpiexec lost all but the first
             _abort(comm, 1)
         raise
+    finally:
+        if errors is not None:
+            errors.Free()
 
 
 def _inspect(args) -> int:

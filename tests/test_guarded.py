@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY, mpiexec
+from conftest import REPO, TINY, mpiexec, mpiexec_path
 
 HANG = 120
 """Seconds after which a 2-rank job that one rank failed counts as hung (it ends in ~10 s)."""
@@ -65,3 +65,43 @@ def test_abort_waits_until_the_launcher_has_read_the_traceback(tmp_path):
     assert len(proc.stderr.read()) == 32768
     proc.wait(timeout=60)
     assert (tmp_path / "abort").read_text() == "3 0"
+
+
+def _guard_script(raising_ranks: str) -> list[str]:
+    """A body that raises ValueError (an expected error of `fedhpc run`) on `raising_ranks`, while
+    the other ranks go on to a collective."""
+    return ["-c", (
+        "import sys\n"
+        "from fedhpc import cli\n"
+        "cli.AGREE_S = 3.0\n"
+        "def body(comm, guard):\n"
+        f"    if comm.Get_rank() in {raising_ranks}:\n"
+        "        raise ValueError(f'bad thing on rank {comm.Get_rank()}')\n"
+        "    comm.allreduce(1)\n"
+        "    return 0\n"
+        "sys.exit(cli._on_every_rank(body, None, expected=lambda: (ValueError,), preempted=''))\n")]
+
+
+def _mpiexec_script(n: int, raising_ranks: str) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    return subprocess.run([mpiexec_path(), "-n", str(n), sys.executable, *_guard_script(raising_ranks)],
+                          capture_output=True, text=True, timeout=HANG, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_an_expected_error_on_every_rank_is_one_line_and_exit_2():
+    proc = _mpiexec_script(3, "(0, 1, 2)")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == ["fedhpc: error: bad thing on rank 0"], proc.stderr[-2000:]
+
+
+def test_an_expected_error_on_one_rank_alone_is_said_by_it_and_aborts_the_others():
+    """Before, only rank 0 spoke and nobody aborted: rank 1 raised alone, rank 0 waited in allreduce forever."""
+    try:
+        proc = _mpiexec_script(3, "(1,)")
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"an expected error on rank 1 alone still ran after {HANG} s")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "fedhpc: error: on rank 1, not on every rank: bad thing on rank 1" in proc.stderr.splitlines()
