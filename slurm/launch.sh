@@ -70,6 +70,6 @@ elif [[ $status == 75 ]]; then
     echo "fedhpc: requeueing job ${SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+ (array task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})};" \
          "it resumes from the checkpoint"
     scontrol requeue "${SLURM_JOB_ID}" || echo "fedhpc: error: scontrol requeue ${SLURM_JOB_ID} failed; resubmit" \
-        "the job (it resumes with --resume auto)" >&2
+        "the job${SLURM_ARRAY_TASK_ID:+ (this array task alone: --array=${SLURM_ARRAY_TASK_ID})}; it resumes from the checkpoint" >&2
 fi
 exit "$status"
