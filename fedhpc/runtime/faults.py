@@ -125,21 +125,26 @@ def steps_done(total: int, work: float) -> int:
     return min(total, max(1, math.floor(work * total)))
 
 
+def _per_client(value: torch.Tensor, clients: int) -> bool:
+    """Whether a pass's entry has one row per client (`[C, ...]`); else the pass shares it (leading 1,
+    e.g. ILoRA's dense residual), and no single client is to blame for it or loses it."""
+    return value.dim() > 0 and len(value) == clients
+
+
 def nonfinite_clients(losses: torch.Tensor, *parts: dict[str, torch.Tensor]) -> np.ndarray:
     """`[C]` bool: clients whose loss or any row of `parts` (new state, upload: `[C, ...]`) holds NaN / inf."""
     bad = ~torch.isfinite(losses.detach()).cpu()
     for part in parts:
         for value in part.values():
-            if value.is_floating_point() and value.dim() > 0 and len(value) == len(bad):
+            if value.is_floating_point() and _per_client(value, len(bad)):
                 bad |= ~torch.isfinite(value.detach()).reshape(len(value), -1).all(1).cpu()
     return bad.numpy()
 
 
 def keep_rows(part: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """`part` (a pass's new state, upload or optimizer rows) with only the clients `keep` marks: per-client
-    entries `[C, ...]` lose the other rows; an entry the pass shares (leading 1, e.g. ILoRA's dense
-    residual) stays whole, as `nonfinite_clients` never blames it on one client."""
-    return {k: v[keep.to(v.device)] if v.dim() > 0 and len(v) == len(keep) else v for k, v in part.items()}
+    entries lose the other rows, an entry the pass shares stays whole."""
+    return {k: v[keep.to(v.device)] if _per_client(v, len(keep)) else v for k, v in part.items()}
 
 
 def agree_diverged(local: list[int], count: int, *, cfg: FaultsConfig, round_index: int, comm) -> np.ndarray:
