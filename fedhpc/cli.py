@@ -139,9 +139,9 @@ def _run_body(args, comm, guard) -> int:
 def _guarded(args, body, *, expected, preempted: str = "") -> int:
     """`body(comm, guard)` on every rank of MPI.COMM_WORLD, as `fedhpc run` and `fedhpc sweep` share it:
     the errors `expected()` names (a function, called once the launch is checked, since their modules
-    may load torch) are one line and exit 2 (_expected_error), a preemption exits 75, a full disk is one line and exit 74, and any other
-    exception prints its traceback and, with more than one rank, aborts every rank (one rank failing
-    alone would leave the others waiting forever in a collective)."""
+    may load torch) are one line and exit 2 (_expected_error), a preemption exits 75, a full disk is
+    one line and exit 74, and any other exception prints its traceback and, with more than one rank,
+    aborts every rank (one rank failing alone would leave the others waiting forever in a collective)."""
     from .runtime.preempt import PreemptionGuard
 
     # First thing: a SIGTERM / SIGUSR1 during start-up stops the run after round 1 with a checkpoint.
