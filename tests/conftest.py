@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import fedhpc  # noqa: F401  first: it pins torch's CPU kernels (fedhpc.CPU_KERNELS) before any test's torch op
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "rounds=2", "num_clients=8", "data.name=planted", "data.image_size=16", "data.unseen_fraction=0.25",

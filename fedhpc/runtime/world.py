@@ -6,6 +6,7 @@ argument, so `MPI.COMM_SELF` runs the same code in one process.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,16 @@ def _device(local_index: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_cpu_kernels(chosen: str) -> None:
+    """Say so when torch chose its CPU kernels before fedhpc pinned them (fedhpc.CPU_KERNELS): a
+    torch op ran before `import fedhpc`, and results may then change with the rank count."""
+    from .. import CPU_KERNELS
+
+    if os.environ.get("ATEN_CPU_CAPABILITY") == CPU_KERNELS and chosen == "AVX512":
+        print(f"fedhpc: warning: torch uses its {chosen} CPU kernels, chosen before fedhpc was imported; results may "
+              f"change with the rank count: import fedhpc before running any torch op", file=sys.stderr, flush=True)
+
+
 def make_world(comm, *, num_clients: int, device: str = "auto") -> World:
     """Place clients on ranks, pick this rank's device, and share the node's cores among its ranks."""
     import torch
@@ -104,5 +115,7 @@ def make_world(comm, *, num_clients: int, device: str = "auto") -> World:
         raise ValueError("device: cuda was asked for, but torch sees no GPU on this machine (no CUDA build or "
                          "driver, or CUDA_VISIBLE_DEVICES empty); use device=auto or device=cpu")
     dev = _device(local_index) if device == "auto" else torch.device(device)
+    if dev.type == "cpu" and rank == 0:
+        _check_cpu_kernels(torch.backends.cpu.get_cpu_capability())
     start, stop = block_range(num_clients, size, rank)
     return World(comm, rank, size, dev, np.arange(start, stop))
