@@ -323,7 +323,11 @@ def test_projected_adam_equals_dense_galore_in_float64(case):
             got = (plan.start[f"{m}.update_B"][c] @ plan.start[f"{m}.update_A"][c]).double()
             scale = want[m].abs().max()
             assert scale > 0
-            torch.testing.assert_close(got, want[m], rtol=0, atol=2e-4 * float(scale), msg=f"{case} {m} c{client}")
+            # float32 training against float64: most updates agree to ~1e-6 of their largest entry, two
+            # to 1.2e-4 and 2.9e-4 on an AVX-512 CPU (Adam's normalised step magnifies the rounding of
+            # a tiny projected gradient); a wrong step misses by far more: beta2 0.99 or the bias
+            # correction off by a step put every update off by > 0.3 of its largest entry, eps 1e-6 some by 0.11
+            torch.testing.assert_close(got, want[m], rtol=0, atol=1e-3 * float(scale), msg=f"{case} {m} c{client}")
             fixed = plan.start[side.fixed][c].double()
             for j, P in enumerate(projectors[m]):    # each window's projector: the same subspace
                 mine = fixed[j * s.r:(j + 1) * s.r] if side.right else fixed[:, j * s.r:(j + 1) * s.r].T
