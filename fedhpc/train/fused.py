@@ -1,7 +1,8 @@
 """Opt-in fast paths of local training: bf16 autocast and a compiled cohort forward + backward.
 
 Both are off by default (`train.precision: fp32`, `train.compile: false`), and then local training
-runs exactly the eager float32 ops it always ran (the golden runs check every bit).
+runs exactly the eager float32 ops it always ran (the golden runs check it, bit for bit on the CPU
+they were recorded on).
 
 - `train.precision: bf16` runs the forward under `torch.autocast(dtype=bfloat16)`: the frozen
   backbone's matmuls, linear layers and attention take bf16 inputs. The adapters' own products
