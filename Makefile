@@ -22,7 +22,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/throughput.py
-	$(PY) bench/kernels.py
+	$(PY) bench/kernel_speed.py
 
 # Compile the GPU code for sm_90 without a GPU: Triton ahead of time, CUDA with nvcc.
 check-gpu-code: setup

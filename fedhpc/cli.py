@@ -31,7 +31,7 @@ AGREE_S = 30.0
 """How long a rank that raised an expected error waits for every other rank to raise one too."""
 STDIO_DRAIN_S = 2.0
 """Longest wait, before MPI_Abort, for the launcher to read what this rank wrote to stdout / stderr."""
-BENCHES = {"kernels": "bench/kernels.py", "throughput": "bench/throughput.py", "checkpoint": "bench/checkpoint.py"}
+BENCHES = {"kernels": "bench/kernel_speed.py", "throughput": "bench/throughput.py", "checkpoint": "bench/checkpoint.py"}
 
 
 def _fail(message: str, *, code: int, comm=None) -> int:

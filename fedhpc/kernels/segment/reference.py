@@ -3,7 +3,7 @@
 A loop over clients, each one ``add_(values[c], alpha=w_c)`` into its group row: the
 upcast to the accumulation dtype happens on the fly, with no temporary. On CPU this
 was 2x faster than a Python loop of upcast-multiply-add and 2-5x faster than one
-``index_add_`` over materialised products (bench/kernels.py, C = 64, F = 2²⁰).
+``index_add_`` over materialised products (bench/kernel_speed.py, C = 64, F = 2²⁰).
 Clients are added in index order, as in the Triton kernel, so results are
 deterministic. Python overhead is ~5 µs per client.
 """

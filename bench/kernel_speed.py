@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: each fedhpc.kernels op against its naive baseline, with the ratio.
 
-    python bench/kernels.py [--quick] [--threads N] [--repeat N]      (or: fedhpc bench kernels)
+    python bench/kernel_speed.py [--quick] [--threads N] [--repeat N]      (or: fedhpc bench kernels)
 
 Timing is best-of-N wall clock after one warm-up call (CUDA synchronised), with
 torch's intra-op threads set explicitly and printed. Baselines: torch.linalg.qr
