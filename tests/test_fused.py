@@ -23,7 +23,7 @@ from conftest import REPO, TINY
 from fedhpc.config import ConfigError, load_config
 from fedhpc.models.backbone import build_cohort_model
 from fedhpc.models.config import LoraConfig, ModelConfig
-from fedhpc.train.fused import compile_count
+from fedhpc.train.fused import compile_count, precision_context
 from fedhpc.train.local import LocalHooks, TrainConfig, local_train
 from fedhpc.train.optim import OptimConfig, StackedOptimizer
 
@@ -204,3 +204,15 @@ def test_bad_precision_or_compile_is_one_line_naming_the_key(override, key):
     assert key in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="train.precision"):
         TrainConfig(precision="fp16")
+
+
+def test_bf16_attention_runs_at_a_vit_length_under_the_pinned_cpu_kernels():
+    """65 tokens (a 32x32 image in 4x4 patches, plus the class token): on a CPU with AVX512-BF16 torch's
+    fused bf16 attention raised under fedhpc's AVX2 kernels; precision_context falls back to plain
+    matmuls there. Against float64 to bf16's precision."""
+    q, k, v = torch.randn(3, 2, 4, 65, 16, generator=torch.Generator().manual_seed(0))
+    with precision_context("bf16", torch.device("cpu")):
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=3e-2)

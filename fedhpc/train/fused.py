@@ -23,6 +23,7 @@ they were recorded on).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -32,12 +33,36 @@ __all__ = ["precision_context", "cohort_forward", "compile_count"]
 
 
 def precision_context(precision: str, device: torch.device):
-    """The context the cohort forward runs in: nothing for fp32, bf16 autocast for bf16."""
+    """The context the cohort forward runs in: nothing for fp32, bf16 autocast for bf16 (and, where
+    torch's fused bf16 attention cannot run, its plain-matmul attention)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type != "cpu" or not _fused_bf16_attention_fails():
+            return autocast
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        both = contextlib.ExitStack()
+        both.enter_context(autocast)
+        both.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return both
     raise ValueError(f"train.precision must be fp32 or bf16, got '{precision}'")
+
+
+@functools.cache
+def _fused_bf16_attention_fails() -> bool:
+    """On a CPU with bf16 hardware (AVX512-BF16) torch's fused bf16 attention packs its inputs with
+    AVX-512 code, absent from the AVX2 kernels fedhpc pins (fedhpc.CPU_KERNELS): from 65 tokens on it
+    raises "pack_vnni2 is only supported when avx512 is supported"."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags
 
 
 def cohort_forward(model: CohortModel, *, compile: bool):
