@@ -151,7 +151,7 @@ def test_an_explicit_aten_cpu_capability_wins():
                          ATEN_CPU_CAPABILITY="default") == "DEFAULT"
 
 
-def test_kernels_chosen_before_the_pin_are_said_once(monkeypatch, capsys):
+def test_kernels_chosen_before_the_pin_are_warned_about(monkeypatch, capsys):
     from fedhpc import CPU_KERNELS
     from fedhpc.runtime.world import _check_cpu_kernels
 

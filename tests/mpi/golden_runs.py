@@ -106,8 +106,9 @@ def compare_case(case: str, golden_dir: Path, out_dir: Path, *, ranks: int, rtol
     if missing:
         return [f"{case}: file(s) missing: {', '.join(missing)}"]
     skip = IGNORED | PER_RANK_COUNT
-    problems = _compare_record(f"{case}: summary", json.loads((golden / "summary.json").read_text()),
-                               json.loads((got / "summary.json").read_text()), skip, rtol)
+    summary = json.loads((got / "summary.json").read_text())
+    problems = _compare_record(f"{case}: summary", json.loads((golden / "summary.json").read_text()), summary,
+                               skip, rtol)
     g_lines, o_lines = _read_lines(golden / "metrics.jsonl"), _read_lines(got / "metrics.jsonl")
     if len(g_lines) != len(o_lines):
         problems.append(f"{case}: metrics.jsonl: {len(g_lines)} golden rounds, got {len(o_lines)}")
@@ -123,8 +124,7 @@ def compare_case(case: str, golden_dir: Path, out_dir: Path, *, ranks: int, rtol
             if not _same(a, b, rtol):
                 problems.append(f"{case}: round {g_acc['round']} (client_accuracy.json): client {c}: {_show(a, b)}")
     if mpi_bytes is not None:
-        problems += _compare_mpi_bytes(case, Path(mpi_bytes) / case, o_lines,
-                                       json.loads((got / "summary.json").read_text()), ranks)
+        problems += _compare_mpi_bytes(case, Path(mpi_bytes) / case, o_lines, summary, ranks)
     return problems
 
 
